@@ -1,0 +1,29 @@
+# The two set-up commands of the README. Both create .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+# mlflow run --env-manager local runs entry points with the `python` on PATH: make it the venv's
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test venv clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch/torchvision first, from the pinned (local) wheels, so nothing pulls another torch build
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+## The main job on the embedded default (synthetic phantom, local sqlite tracking in ./mlflow.db)
+run: $(VENV)/.installed
+	$(BIN)/mlflow run . -e main --env-manager local
+
+## The test suite (uses ../shared real data when present)
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+clean:
+	rm -rf work mlruns mlflow.db

@@ -1,0 +1,1 @@
+"""Data readers, manifest, validation report and patient-level splits."""

@@ -1,0 +1,160 @@
+"""``prepare``: read a data folder into a validated manifest and a patient-level split.
+
+Every task calls :func:`prepare_data` first; the ``prepare`` entry point also logs the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from ichflow.data import ctich, phe
+from ichflow.data.manifest import load_manifest, save_manifest
+from ichflow.data.report import ValidationReport
+from ichflow.data.splits import split_patients
+from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
+from ichflow.errors import DataError
+from ichflow.paths import default_data_dir, prepared_dir
+from ichflow.tracking import frame_digest, log_dataset_inputs, log_params_once, task_run
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("auto", "phe", "ctich", "synthetic", "synthetic-ctich")
+READERS = {"phe": phe.read_phe, "ctich": ctich.read_ctich}
+
+
+@dataclass
+class DataConfig:
+    """Which data to read and how to split it by patient."""
+
+    data_dir: str = ""            # '' -> $ICHFLOW_DATA_DIR, else the synthetic phantom
+    dataset: str = "auto"         # auto | phe | ctich | synthetic | synthetic-ctich
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    n_folds: int = 5
+    split_seed: int = 42
+    synthetic_patients: int = 12
+    synthetic_slices: int = 12
+
+
+@dataclass
+class Prepared:
+    dataset: str              # reader used: phe | ctich
+    source: str               # 'synthetic' or 'real'
+    data_root: Path
+    manifest: pd.DataFrame
+    split: pd.DataFrame
+    report: ValidationReport
+    out_dir: Path
+
+    @property
+    def split_digest(self) -> str:
+        return frame_digest(self.split[["patient_id", "split", "fold"]])
+
+
+def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
+    """(reader, 'synthetic'|'real', folder) for a config; generates the phantom when needed."""
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    data_dir = cfg.data_dir or (default_data_dir() if not cfg.dataset.startswith("synthetic") else "")
+    if cfg.dataset.startswith("synthetic") or not data_dir:
+        if cfg.dataset in ("phe", "ctich"):
+            raise DataError("data_dir", f"dataset={cfg.dataset} needs a data folder: pass data_dir or set "
+                                        "ICHFLOW_DATA_DIR")
+        variant = "ctich" if cfg.dataset == "synthetic-ctich" else "phe"
+        spec = PhantomSpec(n_patients=cfg.synthetic_patients, n_slices=cfg.synthetic_slices)
+        folder = ensure_synthetic(variant, spec)
+        return variant, "synthetic", folder
+    folder = Path(data_dir).expanduser()
+    if not folder.is_dir():
+        raise DataError(folder, "data folder does not exist")
+    if cfg.dataset == "auto":
+        if phe.find_root(folder) is not None:
+            return "phe", "real", folder
+        if ctich.find_root(folder) is not None:
+            return "ctich", "real", folder
+        raise DataError(folder, "neither a PHE-SICH-CT-IDS layout (set/ label/ annotation/, or SubdatasetC_PNG/) "
+                                f"nor a CT-ICH layout ({ctich.CSV_NAME}) found")
+    return cfg.dataset, "real", folder
+
+
+def prepare_data(cfg: DataConfig) -> Prepared:
+    """Read, validate and split. Writes ``work/prepared/<dataset>-<digest>/`` atomically."""
+    reader, source, folder = resolve_source(cfg)
+    manifest, report = READERS[reader](folder)
+    test_f, val_f = cfg.test_fraction, cfg.val_fraction
+    split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
+                           n_folds=cfg.n_folds)
+    key = frame_digest(manifest) + frame_digest(split)
+    out_dir = prepared_dir() / f"{reader}-{source}-{key[:12]}"
+    if not (out_dir / "manifest.csv").exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".prep-"))
+        try:
+            save_manifest(manifest, tmp / "manifest.csv")
+            split.to_csv(tmp / "split.csv", index=False)
+            (tmp / "validation_report.md").write_text(report.to_markdown())
+            (tmp / "validation_report.json").write_text(report.to_json())
+            (tmp / "config.json").write_text(json.dumps(
+                {**dataclasses.asdict(cfg), "reader": reader, "source": source, "data_root": str(folder)}, indent=2))
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return Prepared(reader, source, Path(folder).resolve(), manifest, split, report, out_dir)
+
+
+def log_prepared(prep: Prepared, target: str = "has_lesion", artifacts: bool = True) -> dict[str, str]:
+    """Log data provenance into the active run: params, split digest, dataset inputs, (files)."""
+    log_params_once({"reader": prep.dataset, "data_source": prep.source, "data_root": str(prep.data_root),
+                       "split_digest": prep.split_digest})
+    mlflow.set_tag("ichflow.split_digest", prep.split_digest)
+    sizes = prep.split["split"].value_counts()
+    mlflow.log_metrics({f"patients_{k}": int(sizes.get(k, 0)) for k in ("train", "val", "test")})
+    if artifacts:
+        for name in ("manifest.csv", "split.csv", "validation_report.md", "validation_report.json"):
+            mlflow.log_artifact(str(prep.out_dir / name), artifact_path="data")
+    return log_dataset_inputs(prep.manifest, prep.split, prep.data_root, prep.dataset, target=target)
+
+
+def run_prepare(cfg: DataConfig) -> Prepared:
+    """Entry point body: prepare, print the validation report summary, log everything to MLflow."""
+    with task_run("prepare", run_name="prepare"):
+        prep = prepare_data(cfg)
+        log_params_once({k: v for k, v in dataclasses.asdict(cfg).items() if k != "dataset"})
+        log_params_once({"dataset_requested": cfg.dataset})
+        mlflow.log_metrics({k: float(v) for k, v in prep.report.counts.items() if isinstance(v, (int, float))})
+        log_prepared(prep)
+    _print_summary(prep)
+    return prep
+
+
+def _print_summary(prep: Prepared) -> None:
+    c = prep.report.counts
+    print(f"[prepare] {prep.dataset} ({prep.source}) at {prep.data_root}")
+    print(f"  patients {c['patients']}, slices {c['slices']}, lesion slices {c['lesion_slices']}, "
+          f"mask slices {c['mask_slices']}")
+    subs = {k: v for k, v in c.items() if k.endswith("_slices") and k[:3] in ("IVH", "IPH", "SAH", "EDH", "SDH")}
+    if subs:
+        print("  subtypes: " + ", ".join(f"{k[:3]} {v} ({c[k[:3] + '_patients']} pt)" for k, v in subs.items()))
+    sizes = prep.split["split"].value_counts().to_dict()
+    print(f"  split by patient: {sizes} (digest {prep.split_digest})")
+    for kind, n in c["anomalies"].items():
+        print(f"  anomaly {kind}: {n}")
+    print(f"  written to {prep.out_dir}")
+
+
+def load_prepared(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    out_dir = Path(out_dir)
+    return load_manifest(out_dir / "manifest.csv"), pd.read_csv(out_dir / "split.csv", dtype={"patient_id": str})
