@@ -1,0 +1,67 @@
+"""Pieces every training task shares: the base config, presets, param logging, loaders, run folders."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+
+from ichflow.engine.device import default_workers
+from ichflow.paths import runs_dir
+from ichflow.prepare import DataConfig
+from ichflow.tracking import log_params_once
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """Data selection (see DataConfig) plus the knobs every torch task has."""
+
+    preset: str = ""              # named preset (e.g. 'phe'): sets the fields you left at their defaults
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda | mps
+    amp: str = "auto"             # auto (CUDA only) | bf16 | fp16 | off
+    epochs: int = 20
+    patience: int = 8             # early stopping: epochs without improvement of the monitored val metric
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    aug_strength: float = 0.5     # 0..1, scales every augmentation (Optuna tunes it)
+    in_channels: int = 3          # 1 = the slice, 3 = 2.5D (slice below, slice, slice above)
+    num_workers: int = -1         # DataLoader workers, -1 = automatic
+    register: bool = True         # register the logged model as a new version in the Model Registry
+
+
+def apply_preset(cfg, presets: dict[str, dict]):
+    """Return cfg with the preset's values for every field still at its dataclass default."""
+    if not cfg.preset:
+        return cfg
+    if cfg.preset not in presets:
+        raise ValueError(f"unknown preset {cfg.preset!r}; available: {sorted(presets)}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    changes = {k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
+    return dataclasses.replace(cfg, **changes)
+
+
+def log_config(cfg) -> None:
+    log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
+
+
+def run_folder() -> Path:
+    """Scratch folder of the active run (checkpoints etc.): work/runs/<run_id>/."""
+    run = mlflow.active_run()
+    folder = runs_dir() / (run.info.run_id if run else "no-run")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, num_workers: int = -1, seed: int = 0,
+                drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
+    workers = default_workers() if num_workers < 0 else num_workers
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                                       sampler=sampler, num_workers=workers, drop_last=drop_last, generator=gen,
+                                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
