@@ -17,6 +17,23 @@ import mlflow
 import pandas as pd
 
 
+_reuse_active = False
+
+
+@contextlib.contextmanager
+def reuse_active_run():
+    """Inside this block ``task_run`` logs into the already active run instead of opening a child.
+
+    Tuning opens one child run per trial itself (with an explicit parent) and trains inside it.
+    """
+    global _reuse_active
+    old, _reuse_active = _reuse_active, True
+    try:
+        yield
+    finally:
+        _reuse_active = old
+
+
 @contextlib.contextmanager
 def task_run(task: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False):
     """Start (or, under ``mlflow run``, resume) the run of one entry point.
@@ -24,7 +41,12 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
     Outside ``mlflow run`` the run goes to experiment ``ichflow-<task>`` unless the user chose one with
     ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``.
     """
-    nested = nested or mlflow.active_run() is not None  # a step of a pipeline becomes a child run
+    active = mlflow.active_run()
+    if active is not None and _reuse_active:
+        mlflow.set_tags({"ichflow.task": task, **(tags or {})})
+        yield active
+        return
+    nested = nested or active is not None  # a step of a pipeline becomes a child run
     launched = bool(os.environ.get("MLFLOW_RUN_ID")) and mlflow.active_run() is None and not nested
     if not launched and not nested and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
                                             or os.environ.get("MLFLOW_EXPERIMENT_ID")):

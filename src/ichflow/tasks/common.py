@@ -32,6 +32,7 @@ class TrainConfig(DataConfig):
     in_channels: int = 3          # 1 = the slice, 3 = 2.5D (slice below, slice, slice above)
     num_workers: int = -1         # DataLoader workers, -1 = automatic
     register: bool = True         # register the logged model as a new version in the Model Registry
+    evaluate_test: bool = True    # False inside tuning trials: the test split is touched once, for the best
 
 
 def apply_preset(cfg, presets: dict[str, dict]):
