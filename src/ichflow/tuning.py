@@ -1,0 +1,311 @@
+"""Optuna studies over any task, every trial a child MLflow run of the study's parent run.
+
+Structure in MLflow: the ``tune`` run (the run ``mlflow run`` created, or a new one) is the parent; each
+trial opens its own child run explicitly with ``parent_run_id`` (never via ``MLFLOW_RUN_ID``, which
+``mlflow run`` exports and which would make the first "child" resume the parent: MLflow #12639/#15713);
+the child mirrors the Optuna state (tag ``optuna.state`` COMPLETE/PRUNED/FAIL; run status FINISHED/KILLED/
+FAILED). After the search the best parameters are refit once with the test split evaluated and the model
+registered: that run is the candidate the registry's ``promote`` takes (tag ``ichflow.best_run_id``).
+
+Storage: a journal file under ``work/optuna/`` by default (safe for several processes on one machine),
+or any Optuna RDB URL (sqlite:///…, postgresql+psycopg2://…). The study is created once, before the
+workers start; running again with the same ``study_name`` resumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import logging
+import math
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import optuna
+
+from ichflow.paths import work_dir
+from ichflow.tracking import log_params_once, reuse_active_run, task_run
+
+log = logging.getLogger(__name__)
+
+# task -> (module, config class, train function); each train function follows
+# ``train_<task>(cfg, on_epoch_end=None) -> dict`` with "objective" (higher is better).
+TASKS = {
+    "segmentation": ("ichflow.tasks.segmentation", "SegmentationConfig", "train_segmentation"),
+    "classification": ("ichflow.tasks.classification", "ClassificationConfig", "train_classification"),
+    "detection": ("ichflow.tasks.detection", "DetectionConfig", "train_detection"),
+    "multilabel": ("ichflow.tasks.multilabel", "MultilabelConfig", "train_multilabel"),
+}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class TuneConfig:
+    """An Optuna study over one task."""
+
+    task: str = "segmentation"
+    n_trials: int = 12
+    study_name: str = ""           # '' -> ichflow-<task>; the same name resumes the study
+    storage: str = ""              # '' -> journal file work/optuna/<study>.journal; or an RDB URL
+    n_workers: int = 1             # trial processes against the same storage
+    timeout_min: float = 0.0       # 0 = no time limit (per worker)
+    pruner: str = "median"         # median | hyperband | none
+    space: str = ""                # search-space file; '' -> tuning/<task>.py
+    seed: int = 0                  # sampler seed (worker k uses seed + k)
+    data_dir: str = ""
+    dataset: str = "auto"
+    overrides: str = ""            # extra fixed task params for every trial: "epochs=3,batch_size=4"
+    refit_best: bool = True        # retrain the best params once with the test split + registration
+
+
+def load_space(task: str, path: str = ""):
+    """Load the search-space module for ``task`` (``suggest(trial) -> dict``, ``FIXED``, ``MONITOR``)."""
+    candidates = [Path(path)] if path else [Path.cwd() / "tuning" / f"{task}.py", REPO_ROOT / "tuning" / f"{task}.py"]
+    for cand in candidates:
+        if cand.is_file():
+            spec = importlib.util.spec_from_file_location(f"ichflow_space_{task}", cand)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            for attr in ("suggest", "MONITOR"):
+                if not hasattr(module, attr):
+                    raise AttributeError(f"{cand}: search space must define {attr}")
+            module.FIXED = getattr(module, "FIXED", {})
+            module.SOURCE = str(cand)
+            return module
+    raise FileNotFoundError(f"no search space for task {task!r}: looked in {[str(c) for c in candidates]}")
+
+
+def task_parts(task: str):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
+    module, cfg_name, fn_name = TASKS[task]
+    mod = importlib.import_module(module)
+    return getattr(mod, cfg_name), getattr(mod, fn_name)
+
+
+def parse_overrides(text: str, config_cls) -> dict:
+    """"a=1,b=x" -> typed dict using the config's field types."""
+    if not text.strip():
+        return {}
+    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    out = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in types:
+            raise ValueError(f"override {key!r} is not a parameter of {config_cls.__name__}")
+        typ = types[key] if isinstance(types[key], type) else {"int": int, "float": float, "bool": bool}.get(
+            str(types[key]), str)
+        out[key] = (value.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(float(value)) \
+            if typ is int else typ(value.strip())
+    return out
+
+
+def storage_url(cfg: TuneConfig, study_name: str) -> str:
+    if cfg.storage:
+        return cfg.storage
+    path = work_dir() / "optuna" / f"{study_name}.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"journal:{path}"
+
+
+def open_storage(url: str):
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+
+
+def make_pruner(name: str, max_epochs: int):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner must be median, hyperband or none, got {name!r}")
+
+
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, experiment_id: str):
+    config_cls, train_fn = task_parts(cfg.task)
+    space = load_space(cfg.task, cfg.space)
+    base = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED,
+            **parse_overrides(cfg.overrides, config_cls)}
+
+    def objective(trial: optuna.Trial) -> float:
+        params = space.suggest(trial)
+        task_cfg = dataclasses.replace(config_cls(), **{**base, **params, "evaluate_test": False,
+                                                        "register": False})
+        tags = {"optuna.study": study_name, "optuna.trial": str(trial.number)}
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number:03d}",
+                               parent_run_id=parent_run_id, nested=mlflow.active_run() is not None, tags=tags)
+        trial.set_user_attr("mlflow_run_id", run.info.run_id)
+        state = "FAIL"
+        try:
+            mlflow.log_params({f"trial.{k}": v for k, v in params.items()})
+
+            def report(epoch: int, metrics: dict) -> None:
+                value = metrics.get(space.MONITOR)
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    return
+                trial.report(float(value), epoch)
+                trial.set_user_attr("epochs_run", epoch + 1)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch} ({space.MONITOR}={value:.4f})")
+
+            with reuse_active_run():
+                result = train_fn(task_cfg, on_epoch_end=report)
+            value = float(result["objective"])
+            for key, val in result.items():  # e.g. the val-optimal conf_threshold found without retraining
+                if key.startswith("best_") and isinstance(val, (int, float)):
+                    trial.set_user_attr(key, val)
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        finally:
+            mlflow.set_tag("optuna.state", state)
+            mlflow.end_run(status=_STATUS[state])
+    return objective
+
+
+def _worker(cfg: TuneConfig, study_name: str, url: str, parent_run_id: str, experiment_id: str, n_trials: int,
+            worker: int) -> None:
+    """One trial process. Runs ``n_trials`` trials (its share) against the shared storage."""
+    os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the parent from a worker
+    logging.basicConfig(level=logging.INFO)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url),
+                              sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker),
+                              pruner=make_pruner(cfg.pruner, _max_epochs(cfg)))
+    study.optimize(_objective_factory(cfg, study_name, parent_run_id, experiment_id), n_trials=n_trials,
+                   timeout=cfg.timeout_min * 60 or None, catch=(Exception,), gc_after_trial=True)
+
+
+def _max_epochs(cfg: TuneConfig) -> int:
+    config_cls, _ = task_parts(cfg.task)
+    space = load_space(cfg.task, cfg.space)
+    merged = {**space.FIXED, **parse_overrides(cfg.overrides, config_cls)}
+    return int(merged.get("epochs", getattr(config_cls(), "epochs", 10)))
+
+
+def shares(n_trials: int, n_workers: int) -> list[int]:
+    """Trials per worker, summing exactly to n_trials (no lost or extra trials)."""
+    return [n_trials // n_workers + (1 if i < n_trials % n_workers else 0) for i in range(n_workers)]
+
+
+def run_tune(cfg: TuneConfig) -> dict:
+    study_name = cfg.study_name or f"ichflow-{cfg.task}"
+    url = storage_url(cfg, study_name)
+    space = load_space(cfg.task, cfg.space)
+    max_epochs = _max_epochs(cfg)
+    with task_run("tune", run_name=f"tune-{cfg.task}") as parent:
+        log_params_once({**dataclasses.asdict(cfg), "study_name_resolved": study_name, "storage_resolved": url,
+                         "search_space_file": space.SOURCE, "monitor": space.MONITOR})
+        mlflow.log_artifact(space.SOURCE, artifact_path="search_space")
+        # created once here, before any worker: concurrent schema creation crashes sqlite and PostgreSQL
+        study = optuna.create_study(study_name=study_name, storage=open_storage(url), direction="maximize",
+                                    load_if_exists=True)
+        before = len(study.trials)
+        t0 = time.perf_counter()
+        parent_id, exp_id = parent.info.run_id, parent.info.experiment_id
+        if cfg.n_workers <= 1:
+            _worker(cfg, study_name, url, parent_id, exp_id, cfg.n_trials, 0)
+        else:
+            ctx = mp.get_context("spawn")
+            procs = [ctx.Process(target=_worker, args=(cfg, study_name, url, parent_id, exp_id, n, k),
+                                 name=f"tune-worker-{k}") for k, n in enumerate(shares(cfg.n_trials, cfg.n_workers)) if n]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            failed = [p.name for p in procs if p.exitcode != 0]
+            if failed:
+                log.warning("workers exited abnormally: %s (their finished trials are kept)", failed)
+        wall = time.perf_counter() - t0
+        study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+        summary = summarise_study(study, before, max_epochs, wall)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        log_study_artifacts(study)
+        result = {"study_name": study_name, "storage": url, **summary}
+        completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if completed:
+            best = study.best_trial
+            mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+            mlflow.set_tags({"ichflow.best_trial": str(best.number),
+                             "ichflow.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
+            result.update(best_value=best.value, best_params=best.params,
+                          best_trial_run_id=best.user_attrs.get("mlflow_run_id", ""))
+            if cfg.refit_best:
+                result["refit"] = refit_best(cfg, study, parent_id, exp_id)
+                mlflow.set_tag("ichflow.best_run_id", result["refit"]["run_id"])
+                if result["refit"].get("model_uri"):
+                    mlflow.set_tag("ichflow.best_model_uri", result["refit"]["model_uri"])
+    return result
+
+
+def refit_best(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, experiment_id: str) -> dict:
+    """Train the best parameters once more, evaluating the test split (its only use) and registering."""
+    config_cls, train_fn = task_parts(cfg.task)
+    space = load_space(cfg.task, cfg.space)
+    best = study.best_trial
+    fixed = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED, **parse_overrides(cfg.overrides, config_cls)}
+    # replay the search space on the best values: derived params (e.g. joined pos_weight multipliers) come back
+    params = space.suggest(optuna.trial.FixedTrial(best.params))
+    for key, val in best.user_attrs.items():  # thresholds found on val predictions, e.g. best_conf_threshold
+        field = key[len("best_"):]
+        if key.startswith("best_") and field in {f.name for f in dataclasses.fields(config_cls)}:
+            params[field] = val
+    task_cfg = dataclasses.replace(config_cls(), **{**fixed, **params, "evaluate_test": True, "register": True})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"best-trial-{best.number:03d}-refit",
+                          parent_run_id=parent_run_id, nested=True,
+                          tags={"optuna.study": study.study_name, "optuna.best_trial": str(best.number)}):
+        with reuse_active_run():
+            out = train_fn(task_cfg)
+    return {k: v for k, v in out.items() if isinstance(v, (str, int, float))}
+
+
+def summarise_study(study: optuna.Study, before: int, max_epochs: int, wall_seconds: float) -> dict:
+    states = optuna.trial.TrialState
+    new = study.trials[before:]
+    count = {s.name: sum(t.state == s for t in new) for s in (states.COMPLETE, states.PRUNED, states.FAIL)}
+    epochs_run = sum(len(t.intermediate_values) for t in new)
+    saved = sum(max(0, max_epochs - len(t.intermediate_values)) for t in new if t.state == states.PRUNED)
+    return {"trials_new": len(new), "trials_total": len(study.trials), "trials_complete": count["COMPLETE"],
+            "trials_pruned": count["PRUNED"], "trials_failed": count["FAIL"], "trial_epochs_run": epochs_run,
+            "trial_epochs_saved_by_pruning": saved,
+            "trial_epochs_saved_fraction": saved / max(1, epochs_run + saved),
+            "study_wall_seconds": wall_seconds,
+            "trials_per_hour": len(new) / max(wall_seconds, 1e-9) * 3600}
+
+
+def log_study_artifacts(study: optuna.Study) -> None:
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    df = study.trials_dataframe()
+    mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    plots = {"optimization_history": ovm.plot_optimization_history, "parallel_coordinate": ovm.plot_parallel_coordinate,
+             "slice": ovm.plot_slice, "param_importances": ovm.plot_param_importances}
+    for name, fn in plots.items():
+        if not completed or (name == "param_importances" and len(completed) < 2):
+            continue
+        try:
+            ax = fn(study)
+            fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
+            mlflow.log_figure(fig, f"study/{name}.png")
+            plt.close(fig)
+        except (ValueError, RuntimeError) as exc:  # e.g. importances need >1 distinct param value
+            log.info("skipped %s plot: %s", name, exc)
