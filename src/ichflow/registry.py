@@ -1,0 +1,186 @@
+"""Promotion in the MLflow Model Registry with aliases and an audit trail.
+
+Aliases (stages are deprecated): the winner gets ``@champion``, the champion it replaced ``@previous``,
+a candidate that did not win ``@challenger``. Every decision, promoted or not, is written on the candidate
+version as a tag ``ichflow.promotion.<UTC time>`` holding JSON (rule, both metric sets, deltas, previous
+champion, run ids, split digest, time); ``promotion_history`` reads them back.
+
+The rule per task lives in ``registry/<task>.py`` (editable): PRIMARY metric must improve by >= MARGIN;
+each GUARDS metric must not drop by more than its tolerance. Candidates are compared with the champion on
+the same evaluation data (same split digest).
+
+Two promotions racing: decisions of one model name are serialised with a lock file, and the alias is
+re-read after it is set; a candidate whose alias was overwritten is recorded as having lost the race.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from ichflow.paths import work_dir
+
+MODEL_NAMES = {"segmentation": "ich-segmentation", "classification": "ich-classification",
+               "detection": "ich-detection", "multilabel": "ich-subtypes"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TAG_PREFIX = "ichflow.promotion."
+
+
+@dataclass
+class Decision:
+    model_name: str
+    candidate_version: str
+    candidate_run_id: str
+    promoted: bool
+    reason: str
+    rule: dict
+    candidate_metrics: dict
+    champion_version: str | None = None
+    champion_run_id: str | None = None
+    champion_metrics: dict = field(default_factory=dict)
+    deltas: dict = field(default_factory=dict)
+    split_digest: str = ""
+    time: str = ""
+
+
+def load_rule(task: str, path: str = "") -> dict:
+    candidates = [Path(path)] if path else [Path.cwd() / "registry" / f"{task}.py", REPO_ROOT / "registry" / f"{task}.py"]
+    for cand in candidates:
+        if cand.is_file():
+            spec = importlib.util.spec_from_file_location(f"ichflow_rule_{task}", cand)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return {"primary": mod.PRIMARY, "margin": float(mod.MARGIN), "guards": dict(getattr(mod, "GUARDS", {})),
+                    "source": str(cand)}
+    raise FileNotFoundError(f"no promotion rule for task {task!r}: looked in {[str(c) for c in candidates]}")
+
+
+def decide(rule: dict, candidate: dict, champion: dict | None) -> tuple[bool, str, dict]:
+    """(promote?, reason, deltas) for candidate vs champion metrics under the rule. Pure: no MLflow."""
+    primary = rule["primary"]
+    if primary not in candidate:
+        raise KeyError(f"candidate has no {primary!r} metric (has {sorted(candidate)})")
+    if champion is None:
+        return True, "no champion yet", {}
+    deltas = {k: candidate[k] - champion[k] for k in [primary, *rule["guards"]] if k in candidate and k in champion}
+    if primary not in deltas:
+        return True, f"champion has no {primary!r} metric", deltas
+    if deltas[primary] < rule["margin"]:
+        return False, (f"{primary} {candidate[primary]:.4f} vs champion {champion[primary]:.4f}: "
+                       f"improvement {deltas[primary]:+.4f} < margin {rule['margin']}"), deltas
+    for guard, tol in rule["guards"].items():
+        if guard in deltas and deltas[guard] < -float(tol):
+            return False, f"guard {guard} regressed by {-deltas[guard]:.4f} > tolerance {tol}", deltas
+    return True, f"{primary} improved by {deltas[primary]:+.4f} (margin {rule['margin']}), guards held", deltas
+
+
+@contextlib.contextmanager
+def _model_lock(name: str):
+    path = work_dir() / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_path: str = "model"):
+    """The registered version of ``run_id``'s model, registering it only if it has none (no duplicates)."""
+    found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
+    if found:
+        return sorted(found, key=lambda v: int(v.version))[0]
+    return mlflow.register_model(f"runs:/{run_id}/{model_path}", name)
+
+
+def _alias(client, name, alias):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _metrics(client, run_id, keys) -> dict:
+    data = client.get_run(run_id).data.metrics
+    return {k: data[k] for k in keys if k in data}
+
+
+def promote(task: str, run_id: str, rule_path: str = "", evaluate_champion=None) -> Decision:
+    """Compare the candidate run's model with ``@champion`` and move the aliases. Returns the decision.
+
+    ``evaluate_champion(model_uri, candidate_run) -> metrics`` re-evaluates the champion when it was tested
+    on other data than the candidate; without it such a comparison is refused.
+    """
+    client = mlflow.MlflowClient()
+    name = MODEL_NAMES[task]
+    rule = load_rule(task, rule_path)
+    keys = [rule["primary"], *rule["guards"]]
+    cand_run = client.get_run(run_id)
+    digest = cand_run.data.tags.get("ichflow.split_digest", "")
+    cand_metrics = _metrics(client, run_id, keys)
+    if rule["primary"] not in cand_metrics:
+        raise ValueError(f"run {run_id} has no {rule['primary']!r} metric: only runs evaluated on their test "
+                         "split can be promoted")
+    with _model_lock(name):
+        version = version_for_run(client, name, run_id)
+        champ = _alias(client, name, "champion")
+        champ_metrics = None
+        if champ is not None and champ.version == version.version:
+            return _record(client, Decision(name, version.version, run_id, True, "already champion", rule,
+                                            cand_metrics, champ.version, champ.run_id, cand_metrics, {}, digest))
+        if champ is not None:
+            champ_run = client.get_run(champ.run_id)
+            if champ_run.data.tags.get("ichflow.split_digest", "") == digest:
+                champ_metrics = _metrics(client, champ.run_id, keys)
+            elif evaluate_champion is not None:
+                champ_metrics = evaluate_champion(f"models:/{name}/{champ.version}", cand_run)
+            else:
+                raise ValueError(f"champion v{champ.version} of {name} was evaluated on split "
+                                 f"{champ_run.data.tags.get('ichflow.split_digest')} but the candidate on {digest}: "
+                                 "re-evaluate the champion on the candidate's test split first")
+        promoted, reason, deltas = decide(rule, cand_metrics, champ_metrics)
+        decision = Decision(name, version.version, run_id, promoted, reason, rule, cand_metrics,
+                            champ.version if champ else None, champ.run_id if champ else None,
+                            champ_metrics or {}, deltas, digest)
+        if promoted:
+            if champ is not None:
+                client.set_registered_model_alias(name, "previous", champ.version)
+            client.set_registered_model_alias(name, "champion", version.version)
+            time.sleep(0.2)
+            now = _alias(client, name, "champion")
+            if now is None or now.version != version.version:  # another writer got in between
+                decision.promoted = False
+                decision.reason = f"lost a promotion race to v{now.version if now else '?'}"
+        if not decision.promoted:
+            client.set_registered_model_alias(name, "challenger", version.version)
+        return _record(client, decision)
+
+
+def _record(client, decision: Decision) -> Decision:
+    decision.time = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    payload = asdict(decision)
+    payload["rule"] = {k: v for k, v in payload["rule"].items() if k != "source"} | {"source": decision.rule.get("source", "")}
+    client.set_model_version_tag(decision.model_name, decision.candidate_version, TAG_PREFIX + decision.time,
+                                 json.dumps(payload, sort_keys=True))
+    return decision
+
+
+def promotion_history(model_name: str) -> list[dict]:
+    """Every recorded decision of a registered model, oldest first."""
+    client = mlflow.MlflowClient()
+    events = []
+    for v in client.search_model_versions(f"name='{model_name}'"):
+        for key, value in v.tags.items():
+            if key.startswith(TAG_PREFIX):
+                events.append(json.loads(value))
+    return sorted(events, key=lambda e: e["time"])

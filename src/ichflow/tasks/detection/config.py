@@ -1,0 +1,37 @@
+"""Parameters of the ``detection`` entry point and its named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ichflow.tasks.common import TrainConfig
+
+ENGINES = ("yolo", "fasterrcnn")
+
+
+@dataclass
+class DetectionConfig(TrainConfig):
+    """Lesion boxes (hematoma + edema) with Ultralytics YOLOv8 or torchvision Faster R-CNN, from scratch."""
+
+    engine: str = "yolo"           # yolo | fasterrcnn
+    model: str = "n"               # yolo: n | s | m (yolov8<x>.yaml from scratch), a model .yaml, or a local .pt;
+    #                                fasterrcnn: mobilenet (fasterrcnn_mobilenet_v3_large_fpn) | resnet50
+    imgsz: int = 256               # training/inference size (square); PHE slices are 512
+    epochs: int = 40
+    patience: int = 15
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    batch_size: int = 16
+    conf_threshold: float = -1.0   # slice decision: a box with score >= this -> lesion; -1 = val-optimal (max F1)
+    mosaic: float = 1.0            # YOLO mosaic probability (scaled by aug_strength)
+    close_mosaic: int = 10         # YOLO: last epochs without mosaic
+    max_det: int = 50              # boxes kept per slice at inference
+    overlays: int = 8              # test slices drawn with predicted/true boxes
+
+
+PRESETS: dict[str, dict] = {
+    # real PHE-SICH-CT-IDS data: native 512 px slices, longer schedule (sized for a GPU; see reports/)
+    "phe": {"dataset": "phe", "imgsz": 512, "epochs": 60, "patience": 20, "batch_size": 16},
+    # the same on the 2-core CPU within ~15 min of training
+    "phe-cpu": {"dataset": "phe", "imgsz": 256, "epochs": 8, "patience": 8, "batch_size": 16},
+}

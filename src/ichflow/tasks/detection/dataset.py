@@ -1,0 +1,150 @@
+"""The manifest as an Ultralytics YOLO dataset, derived into a cache folder this task owns.
+
+``work/cache/yolo/<digest>/`` (never edited by hand; deleted and rebuilt freely)::
+
+    data.yaml                      path/train/val/test/names for Ultralytics
+    index.csv                      one row per exported slice: split, file, patient, slice, boxes (pixels)
+    images/{train,val,test}/<patient>_<slice>.png
+    labels/{train,val,test}/<patient>_<slice>.txt    'class xc yc w h' normalised to [0, 1];
+                                                     an empty file for a negative slice
+    labels/{train,val,test}.cache  Ultralytics' label cache (it writes it beside labels/, i.e. here)
+
+The digest covers the slices, their boxes, the patient split and the input channels, so a new split or new
+annotations give a new folder. With ``in_channels=3`` every PNG holds the 2.5D stack (slice below, slice,
+slice above; edge replication at the ends of a scan) in its three colour channels, in the channel order
+OpenCV reads back, which is also the order the pyfunc passes to the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ichflow.data.splits import SPLITS, attach_split
+from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
+from ichflow.paths import cache_dir
+
+EXPORT_VERSION = 1
+CLASS_NAME = "lesion"
+
+
+@dataclass
+class YoloDataset:
+    root: Path
+    data_yaml: Path
+    index: pd.DataFrame  # split, stem, image, label, patient_id, slice_index, boxes, has_lesion, width, height, position
+    digest: str
+
+    def part(self, split: str) -> pd.DataFrame:
+        return self.index[self.index["split"] == split].reset_index(drop=True)
+
+
+def voc_to_yolo(box, width: int, height: int) -> tuple[float, float, float, float]:
+    """Pixel ``[xmin, ymin, xmax, ymax]`` -> normalised ``(x_center, y_center, w, h)``, clipped to the image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
+    y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
+    if x2 <= x1 or y2 <= y1:
+        raise ValueError(f"empty box {box} inside {width}x{height}")
+    return ((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
+
+
+def yolo_label_text(boxes, width: int, height: int) -> str:
+    """The label file of one slice: one 'class xc yc w h' line per box, '' for a negative slice."""
+    lines = []
+    for b in boxes:
+        xc, yc, w, h = voc_to_yolo(b, width, height)
+        lines.append(f"0 {xc:.6f} {yc:.6f} {w:.6f} {h:.6f}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def slice_positions(manifest: pd.DataFrame) -> np.ndarray:
+    """Relative axial position of each slice within its scan: 0 = first slice, 1 = last."""
+    rank = manifest.groupby("patient_id")["slice_index"].rank(method="first") - 1
+    count = manifest.groupby("patient_id")["slice_index"].transform("count")
+    return (rank / (count - 1).clip(lower=1)).to_numpy(float)
+
+
+def export_digest(manifest: pd.DataFrame, split: pd.DataFrame, channels: int) -> str:
+    cols = manifest[["patient_id", "slice_index", "image_path", "boxes", "width", "height"]].to_csv(index=False)
+    parts = split[["patient_id", "split"]].sort_values("patient_id").to_csv(index=False)
+    key = f"v{EXPORT_VERSION}|c{channels}|{cols}|{parts}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def export_yolo(manifest: pd.DataFrame, split: pd.DataFrame, channels: int = 3) -> YoloDataset:
+    """Write (or reuse) the YOLO dataset for this manifest + split; returns where it is."""
+    if channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3 (2.5D), got {channels}")
+    digest = export_digest(manifest, split, channels)
+    root = cache_dir() / "yolo" / digest
+    if (root / "data.yaml").exists() and (root / "index.csv").exists():
+        return _load(root, digest)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{digest}-"))
+    try:
+        _write(manifest, split, channels, tmp)
+        # data.yaml holds absolute paths: rewrite it for the final location before the rename
+        _write_yaml(tmp, root)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _load(root, digest)
+
+
+def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path) -> None:
+    import cv2
+
+    man = attach_split(manifest.reset_index(drop=True), split)
+    if man["split"].isna().any():
+        missing = sorted(man.loc[man["split"].isna(), "patient_id"].unique())[:5]
+        raise ValueError(f"patients without a split: {missing}")
+    images = slice_cache(man["image_path"].astype(str).tolist())
+    prev_idx, next_idx = neighbour_indices(man)
+    positions = slice_positions(man)
+    rows = []
+    for name in SPLITS:
+        (out / "images" / name).mkdir(parents=True, exist_ok=True)
+        (out / "labels" / name).mkdir(parents=True, exist_ok=True)
+    for i, row in man.iterrows():
+        stem = f"{row['patient_id']}_{int(row['slice_index']):03d}"
+        img_file = out / "images" / row["split"] / f"{stem}.png"
+        lbl_file = out / "labels" / row["split"] / f"{stem}.txt"
+        arr = stack_channels(images, i, prev_idx, next_idx, channels)
+        if not cv2.imwrite(str(img_file), np.ascontiguousarray(arr if channels == 3 else arr[..., 0]),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+            raise OSError(f"{img_file}: could not write the exported slice")
+        boxes = json.loads(row["boxes"])
+        lbl_file.write_text(yolo_label_text(boxes, int(row["width"]), int(row["height"])))
+        rows.append({"split": row["split"], "stem": stem, "patient_id": row["patient_id"],
+                     "slice_index": int(row["slice_index"]), "boxes": row["boxes"],
+                     "has_lesion": bool(row["has_lesion"]), "width": int(row["width"]),
+                     "height": int(row["height"]), "position": float(positions[i]),
+                     "source_image": row["image_path"]})
+    pd.DataFrame(rows).to_csv(out / "index.csv", index=False)
+
+
+def _write_yaml(tmp: Path, final: Path) -> None:
+    import yaml
+
+    data = {"path": str(final), "train": "images/train", "val": "images/val", "test": "images/test",
+            "names": {0: CLASS_NAME}, "nc": 1}
+    (tmp / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _load(root: Path, digest: str) -> YoloDataset:
+    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str}, keep_default_na=False)
+    index["image"] = [str(root / "images" / s / f"{t}.png") for s, t in zip(index["split"], index["stem"])]
+    index["label"] = [str(root / "labels" / s / f"{t}.txt") for s, t in zip(index["split"], index["stem"])]
+    return YoloDataset(root=root, data_yaml=root / "data.yaml", index=index, digest=digest)
