@@ -184,3 +184,64 @@ def promotion_history(model_name: str) -> list[dict]:
             if key.startswith(TAG_PREFIX):
                 events.append(json.loads(value))
     return sorted(events, key=lambda e: e["time"])
+
+
+@dataclass
+class PromoteConfig:
+    """Promote a candidate (a run, or the refit of a study's best trial) if it beats @champion."""
+
+    task: str = "segmentation"
+    run_id: str = ""
+    study_name: str = ""     # '' with no run_id -> the newest tune run of this task
+    rule: str = ""           # rule file; '' -> registry/<task>.py
+
+
+def candidate_from_study(task: str, study_name: str = "") -> str:
+    """Run id of the refit of the best trial of the newest ``tune`` run for ``task`` (and study)."""
+    client = mlflow.MlflowClient()
+    flt = f"tags.`ichflow.task` = 'tune' and params.task = '{task}'"
+    if study_name:
+        flt += f" and params.study_name_resolved = '{study_name}'"
+    exps = [e.experiment_id for e in client.search_experiments()]
+    for run in client.search_runs(exps, flt, order_by=["attributes.start_time DESC"], max_results=20):
+        best = run.data.tags.get("ichflow.best_run_id")
+        if best:
+            return best
+    raise LookupError(f"no finished tune run with a refit best trial for task={task!r}"
+                      + (f" study={study_name!r}" if study_name else "") + "; pass run_id instead")
+
+
+def run_promote(cfg: PromoteConfig) -> Decision:
+    from ichflow.tracking import log_params_once, task_run
+
+    if cfg.task not in MODEL_NAMES:
+        raise ValueError(f"task must be one of {sorted(MODEL_NAMES)}, got {cfg.task!r}")
+    run_id = cfg.run_id or candidate_from_study(cfg.task, cfg.study_name)
+    with task_run("promote", run_name=f"promote-{cfg.task}"):
+        log_params_once({"task": cfg.task, "candidate_run_id": run_id, "study_name": cfg.study_name})
+        decision = promote(cfg.task, run_id, cfg.rule)
+        mlflow.log_dict(asdict(decision), "decision.json")
+        mlflow.set_tags({"ichflow.promoted": str(decision.promoted), "ichflow.model_version": decision.candidate_version})
+    verdict = "PROMOTED to @champion" if decision.promoted else "kept as @challenger"
+    print(f"[promote] {decision.model_name} v{decision.candidate_version} {verdict}: {decision.reason}")
+    return decision
+
+
+@dataclass
+class HistoryConfig:
+    """Print the promotion log of a registered model."""
+
+    task: str = "segmentation"
+
+
+def run_history(cfg: HistoryConfig) -> list[dict]:
+    name = MODEL_NAMES.get(cfg.task, cfg.task)
+    events = promotion_history(name)
+    print(f"Promotion history of {name} ({len(events)} decisions)")
+    for e in events:
+        champ = f"v{e['champion_version']}" if e["champion_version"] else "none"
+        primary = e["rule"]["primary"]
+        print(f"{e['time']}  v{e['candidate_version']:<4} {'PROMOTED' if e['promoted'] else 'rejected':9} "
+              f"vs champion {champ:<5} {primary}={e['candidate_metrics'].get(primary, float('nan')):.4f}  "
+              f"{e['reason']}  (run {e['candidate_run_id'][:8]}, split {e['split_digest']})")
+    return events

@@ -1,0 +1,220 @@
+"""Ultralytics YOLOv8 offline, quiet and inside *our* MLflow run.
+
+What Ultralytics does on its own, and what this module does about it:
+
+* settings + fonts: it keeps ``settings.json`` in ``$YOLO_CONFIG_DIR/Ultralytics`` (``ichflow`` points that at
+  ``work/ultralytics``) and downloads ``Arial.ttf`` for plot labels when that folder has no such font. We put
+  matplotlib's DejaVuSans there under both names Ultralytics asks for, so nothing is fetched.
+* ``YOLO_OFFLINE=1`` (set by ``ichflow``): no online check, no PyPI update check, no telemetry (``sync`` off too).
+* its MLflow callback turns itself on when mlflow is installed, calls ``mlflow.autolog()`` and may open its
+  own experiment/run: we switch it off in the settings (``mlflow=False``, read per trainer) and log per-epoch
+  metrics into our run from an ``on_fit_epoch_end`` callback instead.
+* on CUDA its AMP check downloads ``yolo26n.pt``: we pass ``amp='bf16'`` (no check) or ``amp=False``.
+* ``YOLO('yolov8n.pt')`` without the file tries a download: we refuse local-only with a clear message.
+* ``labels/*.cache`` land beside the labels, i.e. inside our cache folder (``dataset.py``); its run folder
+  (``project``) is the run's scratch folder ``work/runs/<run_id>/yolo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import numpy as np
+import torch
+
+from ichflow.errors import DataError
+from ichflow.paths import work_dir
+
+log = logging.getLogger(__name__)
+
+SIZES = ("n", "s", "m", "l", "x")
+_DISABLED = ("mlflow", "sync", "clearml", "comet", "dvc", "raytune", "tensorboard", "wandb")
+
+
+def config_dir() -> Path:
+    """The folder Ultralytics keeps its settings and fonts in (``$YOLO_CONFIG_DIR/Ultralytics``)."""
+    base = os.environ.get("YOLO_CONFIG_DIR") or str(work_dir() / "ultralytics")
+    os.environ["YOLO_CONFIG_DIR"] = base
+    return Path(base).expanduser() / "Ultralytics"
+
+
+def setup_ultralytics():
+    """Make Ultralytics offline and quiet before (and after) it is imported; returns the ``ultralytics`` module."""
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ.setdefault("YOLO_VERBOSE", "False")
+    folder = config_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (folder / name).exists() and font.exists():
+            tmp = folder / f".{name}.{os.getpid()}"
+            shutil.copyfile(font, tmp)
+            os.replace(tmp, folder / name)
+    import ultralytics
+    from ultralytics.utils import SETTINGS
+
+    wanted = {k: False for k in _DISABLED}
+    wanted.update(runs_dir=str(work_dir() / "runs" / "ultralytics"), weights_dir=str(work_dir() / "weights"),
+                  datasets_dir=str(work_dir() / "cache" / "yolo"))
+    if any(SETTINGS.get(k) != v for k, v in wanted.items()):
+        SETTINGS.update(wanted)
+    logging.getLogger("ultralytics").setLevel(logging.WARNING)
+    return ultralytics
+
+
+def resolve_model(spec: str) -> str:
+    """``n``/``s``/``m`` -> ``yolov8<size>.yaml`` (from scratch); a ``.yaml``/``.pt`` must be local."""
+    spec = (spec or "n").strip()
+    if spec in SIZES:
+        return f"yolov8{spec}.yaml"
+    path = Path(spec).expanduser()
+    if spec.endswith((".yaml", ".yml")):
+        if path.is_file():
+            return str(path)
+        from ultralytics.nn.tasks import yaml_model_load  # noqa: F401  (raises on unknown names)
+        from ultralytics.utils.checks import check_yaml
+
+        try:
+            check_yaml(spec, hard=True)
+        except Exception as exc:  # FileNotFoundError from Ultralytics, with a long message
+            raise DataError(spec, "model .yaml not found locally or among Ultralytics' model configs "
+                                  f"(use model=n|s|m for yolov8n/s/m.yaml): {exc}") from exc
+        return spec
+    if spec.endswith(".pt"):
+        if not path.is_file():
+            stem = Path(spec).stem
+            hint = f"{stem}.yaml" if stem.startswith(("yolov8", "yolo11", "yolo26", "yolov5")) else "yolov8n.yaml"
+            raise DataError(spec, "weights file not found; nothing is downloaded here (offline, from scratch). "
+                                  f"Train from scratch with model=n (or model={hint}), or pass the path of a local "
+                                  ".pt file")
+        return str(path.resolve())
+    raise DataError(spec, "model must be n, s, m, l, x, a model .yaml or a local .pt weights file")
+
+
+def load_yolo(spec: str):
+    setup_ultralytics()
+    from ultralytics import YOLO
+
+    return YOLO(resolve_model(spec), task="detect")
+
+
+def device_arg(device: torch.device) -> str:
+    if device.type == "cuda":
+        return str(device.index or 0)
+    return device.type
+
+
+def amp_arg(device: torch.device, amp: str) -> bool | str:
+    """Ultralytics' ``amp``: never its fp16 check on CUDA (it downloads weights); bf16 where supported."""
+    if device.type != "cuda" or amp in ("off", "false", "fp32", "none"):
+        return False
+    if amp == "fp16":
+        log.warning("amp=fp16 would run Ultralytics' AMP check, which downloads weights; using bf16 instead")
+    return "bf16" if torch.cuda.is_bf16_supported() else False
+
+
+def augment_args(strength: float, mosaic: float) -> dict:
+    """Ultralytics' own augmentation scaled by one ``aug_strength`` in [0, 1] (Optuna tunes it).
+
+    Hue/saturation stay off: the three channels are neighbouring slices (2.5D), not colours.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
+    s = strength
+    return {"hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.4 * s, "degrees": 10.0 * s, "translate": 0.1 * s,
+            "scale": 0.4 * s, "fliplr": 0.5 if s > 0 else 0.0, "flipud": 0.0, "mosaic": mosaic * min(1.0, 2 * s),
+            "mixup": 0.0, "erasing": 0.0}
+
+
+_NAMES = {
+    "train/box_loss": "train_box_loss", "train/cls_loss": "train_cls_loss", "train/dfl_loss": "train_dfl_loss",
+    "val/box_loss": "val_box_loss", "val/cls_loss": "val_cls_loss", "val/dfl_loss": "val_dfl_loss",
+    "metrics/precision(B)": "val_precision", "metrics/recall(B)": "val_recall",
+    "metrics/mAP50(B)": "val_map50", "metrics/mAP50-95(B)": "val_map50_95",
+}
+# per-epoch validation metrics are logged as epoch_<name>; the final evaluation of the best weights owns <name>
+EPOCH_PREFIXED = ("val_precision", "val_recall", "val_map50", "val_map50_95")
+
+
+def epoch_metrics(trainer) -> dict:
+    raw = {**trainer.label_loss_items(trainer.tloss), **(trainer.metrics or {})}
+    out = {_NAMES.get(k, k.replace("/", "_").replace("(", "").replace(")", "")): float(v) for k, v in raw.items()}
+    out["lr"] = float(trainer.optimizer.param_groups[0]["lr"])
+    out["epoch_seconds"] = float(getattr(trainer, "epoch_time", 0.0) or 0.0)
+    return out
+
+
+def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
+               on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train from ``cfg`` on ``data_yaml``; per-epoch metrics go into the active MLflow run (step=epoch).
+
+    Returns best/last weight paths and the per-epoch history.
+    """
+    model = load_yolo(cfg.model)
+    history: list[dict] = []
+    log_to_run = mlflow.active_run() is not None
+
+    def _fit_epoch_end(trainer):
+        epoch = int(trainer.epoch)
+        metrics = {"epoch": epoch, **epoch_metrics(trainer)}
+        history.append(metrics)
+        if log_to_run:
+            mlflow.log_metrics({(f"epoch_{k}" if k in EPOCH_PREFIXED else k): v for k, v in metrics.items()
+                                if k != "epoch" and math.isfinite(v)}, step=epoch)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+
+    model.add_callback("on_fit_epoch_end", _fit_epoch_end)
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    args = dict(
+        data=str(data_yaml), epochs=cfg.epochs, patience=cfg.patience, imgsz=cfg.imgsz, batch=cfg.batch_size,
+        device=device_arg(device), workers=workers, project=str(project), name="train", exist_ok=True,
+        seed=cfg.seed, deterministic=True, optimizer="AdamW", lr0=cfg.lr, weight_decay=cfg.weight_decay,
+        cos_lr=True, warmup_epochs=min(3.0, max(0.0, cfg.epochs * 0.1)), close_mosaic=min(cfg.close_mosaic,
+                                                                                         cfg.epochs // 3),
+        amp=amp_arg(device, cfg.amp), cache="ram", single_cls=True, plots=False, verbose=False, val=True,
+        max_det=cfg.max_det, pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic),
+    )
+    t0 = time.perf_counter()
+    model.train(**args)
+    seconds = time.perf_counter() - t0
+    trainer = model.trainer
+    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    best_epoch = -1
+    if history:
+        fit = [0.1 * h.get("val_map50", 0.0) + 0.9 * h.get("val_map50_95", 0.0) for h in history]
+        best_epoch = int(history[int(np.argmax(fit))]["epoch"])
+    return {"weights": best, "last": Path(trainer.last), "history": history, "train_seconds": seconds,
+            "epochs_run": len(history), "best_epoch": best_epoch, "args": args}
+
+
+class YoloPredictor:
+    """Boxes for a batch of (H, W, C) uint8 images, in the images' own pixel coordinates."""
+
+    def __init__(self, weights: str | Path, imgsz: int, device: torch.device | str = "cpu", max_det: int = 50):
+        setup_ultralytics()
+        from ultralytics import YOLO
+
+        self.model = YOLO(str(weights), task="detect")
+        self.imgsz, self.max_det = int(imgsz), int(max_det)
+        self.device = device_arg(torch.device(device) if isinstance(device, str) else device)
+
+    def __call__(self, images, conf: float = 0.001, batch: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        for start in range(0, len(images), batch):
+            chunk = list(images[start:start + batch])
+            results = self.model.predict(chunk, imgsz=self.imgsz, conf=conf, iou=0.7, max_det=self.max_det,
+                                         device=self.device, verbose=False, batch=len(chunk))
+            for r in results:
+                b = r.boxes
+                out.append((b.xyxy.cpu().numpy().astype(np.float32), b.conf.cpu().numpy().astype(np.float32)))
+        return out
