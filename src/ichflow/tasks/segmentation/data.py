@@ -1,0 +1,141 @@
+"""Training patches with foreground oversampling (nnU-Net style) and whole-scan inference.
+
+Training: random ``patch_size`` patches at native resolution. A fraction ``fg_fraction`` of them is
+centred on a random edema pixel of a random slice with edema (before the random crop, which moves the
+centre by at most a quarter patch, so the edema stays in view); the rest are centred on a random pixel
+of the head (intensity > ``HEAD_LEVEL``) of any training slice, negative slices included.
+Inference: whole slices, padded to a multiple of 32, 2.5D stacked within the scan (edge replication).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from ichflow.engine.augment import Normalizer, build_augment
+from ichflow.engine.device import autocast
+from ichflow.engine.slices import stack_channels
+
+HEAD_LEVEL = 15      # 8-bit brain-window intensity above which a pixel counts as head (air is 0)
+PAD_MULTIPLE = 32    # encoders downsample 5x by 2
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """``length`` random (image, mask) patches per epoch from the given slices.
+
+    images/masks: (N, H, W) uint8 arrays (masks 0/255) of the training split; prev_idx/next_idx from
+    :func:`ichflow.engine.slices.neighbour_indices`. Items: (C, P, P) float32 z-scores, (1, P, P) 0/1.
+    """
+
+    def __init__(self, images, masks, prev_idx, next_idx, channels: int, patch_size: int, fg_fraction: float,
+                 aug_strength: float, normalizer: Normalizer, length: int, seed: int = 0):
+        if not 0.0 <= fg_fraction <= 1.0:
+            raise ValueError(f"fg_fraction must be in [0, 1], got {fg_fraction}")
+        if patch_size < PAD_MULTIPLE or patch_size % PAD_MULTIPLE:
+            raise ValueError(f"patch_size must be a positive multiple of {PAD_MULTIPLE}, got {patch_size}")
+        self.images, self.masks = images, masks
+        self.prev_idx, self.next_idx = prev_idx, next_idx
+        self.channels, self.patch = channels, patch_size
+        self.fg_fraction = fg_fraction
+        self.margin = patch_size // 4
+        self.augment = build_augment(aug_strength, crop=patch_size)
+        self.normalizer = normalizer
+        self.length = length
+        self.seed = seed
+        fg = np.asarray([np.count_nonzero(masks[i]) for i in range(len(masks))])
+        self.fg_rows = np.flatnonzero(fg > 0)
+        self._rng = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _generator(self) -> np.random.Generator:
+        # one stream per process (main or DataLoader worker), reproducible from the seed, continuing
+        # across epochs with persistent workers
+        if self._rng is None or self._pid != os.getpid():
+            info = torch.utils.data.get_worker_info()
+            wid = info.id + 1 if info is not None else 0
+            self._rng = np.random.default_rng([self.seed, wid])
+            self.augment.set_random_seed(int(self._rng.integers(2**31)))
+            self._pid = os.getpid()
+        return self._rng
+
+    def sample_centre(self, rng: np.random.Generator) -> tuple[int, int, int]:
+        """(row, y, x): an edema pixel with probability fg_fraction, else a head pixel of any slice."""
+        if len(self.fg_rows) and rng.random() < self.fg_fraction:
+            row = int(rng.choice(self.fg_rows))
+            ys, xs = np.nonzero(self.masks[row])
+            k = int(rng.integers(len(ys)))
+            return row, int(ys[k]), int(xs[k])
+        row = int(rng.integers(len(self.images)))
+        img = self.images[row]
+        h, w = img.shape
+        for _ in range(20):
+            y, x = int(rng.integers(h)), int(rng.integers(w))
+            if img[y, x] > HEAD_LEVEL:
+                return row, y, x
+        return row, h // 2, w // 2
+
+    def __getitem__(self, idx):
+        rng = self._generator()
+        row, cy, cx = self.sample_centre(rng)
+        size = self.patch + 2 * self.margin
+        image = crop_padded(stack_channels(self.images, row, self.prev_idx, self.next_idx, self.channels),
+                            cy, cx, size)
+        mask = crop_padded(np.asarray(self.masks[row]), cy, cx, size)
+        out = self.augment(image=image, mask=mask)
+        x = torch.from_numpy(np.ascontiguousarray(self.normalizer(out["image"]).transpose(2, 0, 1)))
+        y = torch.from_numpy((out["mask"] > 127).astype(np.float32))[None]
+        return x, y
+
+
+def crop_padded(arr: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
+    """``size`` x ``size`` window centred at (cy, cx); outside the image is 0 (air)."""
+    h, w = arr.shape[:2]
+    y0, x0 = cy - size // 2, cx - size // 2
+    out = np.zeros((size, size, *arr.shape[2:]), arr.dtype)
+    sy0, sx0, sy1, sx1 = max(0, y0), max(0, x0), min(h, y0 + size), min(w, x0 + size)
+    if sy1 > sy0 and sx1 > sx0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = arr[sy0:sy1, sx0:sx1]
+    return out
+
+
+def scan_neighbours(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """prev/next indices of the slices of one scan given in axial order (edge replication)."""
+    idx = np.arange(n)
+    return np.maximum(idx - 1, 0), np.minimum(idx + 1, n - 1)
+
+
+@torch.inference_mode()
+def predict_scan(model: torch.nn.Module, slices: np.ndarray, normalizer: Normalizer, channels: int,
+                 device: torch.device, batch_size: int = 4, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, logits) float32 (N, H, W) for the 8-bit slices of ONE scan in axial order.
+
+    The model must be in eval mode. Slices are padded (bottom/right, with 0) to a multiple of 32.
+    """
+    slices = np.asarray(slices)
+    if slices.ndim == 2:
+        slices = slices[None]
+    if slices.ndim != 3:
+        raise ValueError(f"expected (N, H, W) slices of one scan, got shape {slices.shape}")
+    if slices.dtype != np.uint8:
+        slices = np.clip(np.rint(slices.astype(np.float32)), 0, 255).astype(np.uint8)
+    n, h, w = slices.shape
+    ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
+    prev_idx, next_idx = scan_neighbours(n)
+    logits = np.empty((n, h, w), np.float32)
+    for start in range(0, n, batch_size):
+        rows = range(start, min(n, start + batch_size))
+        batch = np.stack([stack_channels(slices, i, prev_idx, next_idx, channels) for i in rows])
+        x = torch.from_numpy(normalizer(batch).transpose(0, 3, 1, 2))
+        if ph or pw:
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=float(normalizer(np.zeros(1))[0]))
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            out = model(x)
+        logits[start:start + len(rows)] = out.float()[:, 0, :h, :w].cpu().numpy()
+    probs = 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
+    return probs.astype(np.float32), logits

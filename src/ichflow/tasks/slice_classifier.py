@@ -1,0 +1,403 @@
+"""What the slice-level classification tasks share (binary bleed/no-bleed and multi-label subtypes).
+
+- :func:`build_model`: a timm CNN with ``in_chans`` (1 = the slice, 3 = 2.5D) and ``num_classes`` logits,
+  from scratch or from a LOCAL weights file (nothing is downloaded).
+- :class:`SliceData` / :class:`SliceDataset`: the decoded slice cache of a whole manifest (resized once to
+  ``image_size``), 2.5D neighbour stacking, normalisation, albumentations augmentation (flip, affine,
+  brightness/contrast, random resized crop) from the engine, scaled by ``aug_strength``.
+- :func:`predict_probs`: sigmoid probabilities (and the un-weighted BCE) over a loader.
+- :func:`select_threshold`: the decision threshold for a stated goal (max F1, or recall >= a target),
+  chosen on validation scores only.
+- :func:`binary_metrics`, :func:`patient_level`: slice and patient-level metrics.
+- :class:`SliceClassifierModel`: the MLflow pyfunc served for both tasks.
+
+Every model has one logit per class and a sigmoid (``BCEWithLogitsLoss``): the binary task is the k=1 case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from ichflow.engine.augment import Normalizer, build_augment
+from ichflow.engine.device import autocast
+from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
+from ichflow.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMBALANCE = ("weighted_loss", "sampler", "none")
+THRESHOLD_GOALS = ("f1", "recall")
+_NO_WEIGHTS = ("", "false", "none", "0", "no", "off", "scratch")
+
+
+# --------------------------------------------------------------------------------------------- models
+def build_model(name: str, in_chans: int, num_classes: int, pretrained: str = "") -> torch.nn.Module:
+    """A timm classifier. ``pretrained``: '' (from scratch) or the path of a local weights file.
+
+    A local file may come from any timm model of the same architecture (e.g. ImageNet weights saved
+    elsewhere): the first conv is adapted to ``in_chans`` and a classifier of another size is dropped.
+    """
+    import timm
+
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_channels must be 1 (the slice) or 3 (2.5D), got {in_chans}")
+    if not timm.is_model(name):
+        raise ValueError(f"model {name!r} is not a timm model name (e.g. resnet18, resnet34, efficientnet_b0; "
+                         "see timm.list_models())")
+    spec = str(pretrained or "").strip()
+    if spec.lower() in _NO_WEIGHTS:
+        return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
+    if spec.lower() in ("true", "1", "yes", "imagenet", "on"):
+        raise ValueError("pretrained: nothing is downloaded here; give the path of a local weights file "
+                         "(.pth/.pt/.safetensors state dict of the same timm architecture) or leave it empty")
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise DataError(path, "pretrained weights file not found")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                                 in_chans=in_chans, num_classes=num_classes)
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise DataError(path, f"cannot load as {name} weights ({exc})") from exc
+
+
+def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
+    """The last feature stage of a timm model (``layer4`` for ResNets, ``blocks.6`` for EfficientNet-B0)."""
+    info = getattr(model, "feature_info", None)
+    if info:
+        return model.get_submodule(info[-1]["module"])
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    return convs[-1]
+
+
+# ------------------------------------------------------------------------------------------------ data
+def resize_slices(slices: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W) 8-bit (uint8 or float 0..255) -> (N, size, size) uint8, resized like the training cache."""
+    arr = np.asarray(slices)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"expected slices of one scan as an (N, H, W) array, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr.astype(np.float32)), 0, 255).astype(np.uint8)
+    if arr.shape[1:] == (size, size):
+        return arr
+    return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arr])
+
+
+@dataclass
+class SliceData:
+    """Decoded slices of a whole manifest (one cache, shared by every split and fold)."""
+
+    manifest: pd.DataFrame
+    images: np.ndarray        # (N, S, S) uint8 memmap
+    prev_idx: np.ndarray
+    next_idx: np.ndarray
+
+    @classmethod
+    def load(cls, manifest: pd.DataFrame, size: int) -> "SliceData":
+        manifest = manifest.reset_index(drop=True)
+        images = slice_cache(manifest["image_path"].astype(str).tolist(), size=size)
+        prev_idx, next_idx = neighbour_indices(manifest)
+        return cls(manifest, images, prev_idx, next_idx)
+
+    def normalizer(self, rows: np.ndarray, seed: int = 0, max_slices: int = 256) -> Normalizer:
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(rows, size=min(max_slices, len(rows)), replace=False))
+        return Normalizer.fit(np.asarray(self.images[pick]), max_slices=len(pick), seed=seed)
+
+
+class SliceDataset(torch.utils.data.Dataset):
+    """(C, S, S) float tensor and (k,) float label vector for each selected row."""
+
+    def __init__(self, data: SliceData, rows: np.ndarray, labels: np.ndarray, in_channels: int,
+                 normalizer: Normalizer, augment=None):
+        self.data, self.rows = data, np.asarray(rows, dtype=int)
+        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(data.manifest), -1)
+        self.in_channels, self.normalizer, self.augment = in_channels, normalizer, augment
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int):
+        i = int(self.rows[j])
+        x = stack_channels(self.data.images, i, self.data.prev_idx, self.data.next_idx, self.in_channels)
+        if self.augment is not None:
+            x = self.augment(image=np.ascontiguousarray(x))["image"]
+        x = self.normalizer(x).transpose(2, 0, 1)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[i])
+
+
+def train_augment(aug_strength: float, size: int):
+    """Flip + affine + brightness/contrast + random resized crop back to ``size`` (none at strength 0)."""
+    return build_augment(aug_strength, resized_crop=size) if aug_strength > 0 else None
+
+
+def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int = 0):
+    """WeightedRandomSampler drawing slices with any positive label and all-negative slices 50/50."""
+    pos = np.asarray(labels).reshape(len(labels), -1).max(axis=1) > 0
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        weights = np.ones(len(pos))
+    else:
+        weights = np.where(pos, 0.5 / n_pos, 0.5 / n_neg)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples,
+                                                  replacement=True, generator=gen)
+
+
+def prevalence_pos_weight(labels: np.ndarray, multipliers=None, cap: float = 100.0) -> np.ndarray:
+    """BCE ``pos_weight`` per class = negatives / positives in the training labels (x multiplier).
+
+    A class without positives gets weight 1 (nothing to up-weight); weights are capped at ``cap``.
+    """
+    y = np.asarray(labels, dtype=float).reshape(len(labels), -1)
+    pos = y.sum(axis=0)
+    neg = len(y) - pos
+    w = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    w = np.clip(w, 1e-3, cap)
+    if multipliers is not None:
+        mult = np.asarray(multipliers, dtype=float).reshape(-1)
+        if mult.shape != w.shape:
+            raise ValueError(f"pos_weight multipliers: {len(mult)} values for {len(w)} classes")
+        w = w * mult
+    return w.astype(np.float32)
+
+
+def cosine_warmup(optimizer, total_steps: int, warmup_fraction: float = 0.05):
+    warm = max(1, int(total_steps * warmup_fraction))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, loader, device: torch.device, amp=None) -> tuple[np.ndarray, float]:
+    """(n, k) sigmoid probabilities in loader order, and the mean un-weighted BCE against the labels."""
+    model.eval()
+    probs, total, count = [], 0.0, 0
+    for x, y in loader:
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float().cpu()
+        total += torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="sum").item()
+        count += y.numel()
+        probs.append(torch.sigmoid(logits).numpy())
+    out = np.concatenate(probs) if probs else np.zeros((0, 1), np.float32)
+    return out, total / max(count, 1)
+
+
+# ------------------------------------------------------------------------------------ thresholds, metrics
+def select_threshold(y_true, scores, goal: str = "f1", target_recall: float = 0.95) -> tuple[float, dict]:
+    """Decision threshold (predict positive when score >= threshold) chosen on validation scores.
+
+    ``goal='f1'``: maximise F1. ``goal='recall'``: the best precision among thresholds whose recall reaches
+    ``target_recall`` (missing a bleed is the costly error). The returned threshold lies halfway between the
+    chosen score and the next lower score, so it is not glued to one validation slice. Without both classes
+    in ``y_true`` nothing can be chosen: 0.5 is returned with a note.
+    """
+    if goal not in THRESHOLD_GOALS:
+        raise ValueError(f"threshold_goal must be one of {THRESHOLD_GOALS}, got {goal!r}")
+    y = np.asarray(y_true).astype(bool).reshape(-1)
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == len(y):
+        return 0.5, {"note": "validation has a single class; default threshold 0.5 used", "goal": goal}
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    tp_all, fp_all = np.cumsum(y_sorted), np.cumsum(~y_sorted)
+    last = np.r_[np.nonzero(np.diff(s_sorted))[0], len(s) - 1]   # last index of each distinct score
+    tp, fp, cand = tp_all[last], fp_all[last], s_sorted[last]
+    precision, recall = tp / (tp + fp), tp / n_pos
+    f1 = 2 * tp / (tp + fp + n_pos)
+    if goal == "f1":
+        k = int(np.argmax(f1))                         # first max = highest threshold among ties
+    else:
+        ok = np.nonzero(recall >= target_recall - 1e-12)[0]
+        k = int(ok[np.argmax(precision[ok])])
+    lower = s_sorted[last[k] + 1] if last[k] + 1 < len(s) else min(0.0, float(cand[k]))
+    thr = float((cand[k] + lower) / 2)
+    info = {"goal": goal, "precision": float(precision[k]), "recall": float(recall[k]), "f1": float(f1[k])}
+    if goal == "recall":
+        info["target_recall"] = float(target_recall)
+    return thr, info
+
+
+def binary_metrics(y_true, scores, threshold: float) -> dict:
+    """Accuracy, precision, recall (sensitivity), specificity, F1 at the threshold; ROC-AUC and PR-AUC.
+
+    Threshold-free metrics are NaN when only one class is present.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(y_true).astype(bool).reshape(-1)
+    s = np.asarray(scores, dtype=float).reshape(-1)
+    p = s >= threshold
+    tp, fp = int((p & y).sum()), int((p & ~y).sum())
+    fn, tn = int((~p & y).sum()), int((~p & ~y).sum())
+    out = {
+        "accuracy": (tp + tn) / max(len(y), 1),
+        "precision": tp / (tp + fp) if tp + fp else 0.0,
+        "recall": tp / (tp + fn) if tp + fn else float("nan"),
+        "specificity": tn / (tn + fp) if tn + fp else float("nan"),
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan"),
+        "tp": tp, "fp": fp, "fn": fn, "tn": tn,
+    }
+    both = 0 < y.sum() < len(y)
+    out["roc_auc"] = float(roc_auc_score(y, s)) if both else float("nan")
+    out["pr_auc"] = float(average_precision_score(y, s)) if both else float("nan")
+    return out
+
+
+def patient_level(frame: pd.DataFrame, label: str = "y", score: str = "score") -> pd.DataFrame:
+    """One row per patient: positive if any slice is positive; score = the highest slice score.
+
+    With a threshold t, "patient predicted positive" = any slice score >= t = patient score >= t.
+    """
+    return frame.groupby("patient_id", sort=True).agg(y=(label, "max"), score=(score, "max"),
+                                                      slices=(score, "size")).reset_index()
+
+
+def metrics_with_ci(frame: pd.DataFrame, threshold: float, names=("accuracy", "precision", "recall", "f1",
+                                                                    "roc_auc", "pr_auc"),
+                    n_boot: int = 1000, seed: int = 0) -> dict:
+    """Metrics of (y, score, patient_id) rows and 95 % CIs from a bootstrap over patients."""
+    from ichflow.engine.stats import patient_bootstrap_ci
+
+    point = binary_metrics(frame["y"], frame["score"], threshold)
+    out = dict(point)
+    for name in names:
+        if n_boot <= 0 or point[name] != point[name]:
+            continue
+
+        def stat(f, name=name):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return binary_metrics(f["y"], f["score"], threshold)[name]
+        lo, hi = patient_bootstrap_ci(frame, stat, n_boot=n_boot, seed=seed)
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    return out
+
+
+def finite(metrics: dict) -> dict:
+    """Only the finite numeric entries (MLflow metrics)."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))}
+
+
+# ------------------------------------------------------------------------------------------------ pyfunc
+def _scan_tensor(slices: np.ndarray, size: int, in_channels: int, mean: float, std: float) -> torch.Tensor:
+    arr = resize_slices(slices, size)
+    n = len(arr)
+    prev_idx = np.maximum(np.arange(n) - 1, 0)
+    next_idx = np.minimum(np.arange(n) + 1, n - 1)
+    norm = Normalizer(mean, std)
+    xs = [norm(stack_channels(arr, i, prev_idx, next_idx, in_channels)).transpose(2, 0, 1) for i in range(n)]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
+
+
+try:
+    import mlflow.pyfunc
+
+    _PythonModel = mlflow.pyfunc.PythonModel
+except ImportError:  # pragma: no cover
+    _PythonModel = object
+
+
+class SliceClassifierModel(_PythonModel):
+    """Slice classifier served by MLflow.
+
+    Input: a numpy uint8 array (N, H, W): the 8-bit (brain-windowed) axial slices of ONE scan in axial order
+    (any H, W; float 0..255 is accepted when calling the Python class directly). The model resizes each
+    slice to its training size, stacks the slices below/above for 2.5D input (edge slices repeated) and
+    normalises with the training statistics.
+
+    Output: a DataFrame with one row per input slice, for each class ``c`` of the model
+    ``c_probability`` (sigmoid, 0..1) and ``c`` (0/1 = probability >= the class threshold chosen on the
+    validation split). The binary bleed classifier has the single class ``has_lesion``; the subtype model
+    has one column pair per subtype (IVH, IPH, SAH, ...).
+    """
+
+    _skip_type_hint_validation = True  # validated by the explicit tensor signature, not type hints
+
+    def load_context(self, context):
+        with open(context.artifacts["config"]) as fh:
+            self.config = json.load(fh)
+        cfg = self.config
+        self.model = build_model(cfg["model"], cfg["in_channels"], len(cfg["classes"]))
+        state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
+        self.model.load_state_dict(state)
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        if isinstance(model_input, pd.DataFrame):
+            model_input = np.stack(model_input.iloc[:, 0].to_numpy())
+        return predict_scan(self.model, self.config, np.asarray(model_input))
+
+
+def predict_scan(model: torch.nn.Module, cfg: dict, slices: np.ndarray) -> pd.DataFrame:
+    """What the pyfunc returns for the slices of one scan (see :class:`SliceClassifierModel`)."""
+    x = _scan_tensor(slices, cfg["image_size"], cfg["in_channels"], cfg["norm_mean"], cfg["norm_std"])
+    model.eval()
+    probs = []
+    with torch.no_grad():
+        for start in range(0, len(x), 32):
+            probs.append(torch.sigmoid(model(x[start:start + 32]).float()).numpy())
+    p = np.concatenate(probs)
+    out = {}
+    for j, name in enumerate(cfg["classes"]):
+        out[f"{name}_probability"] = p[:, j].astype(np.float64)
+        out[name] = (p[:, j] >= cfg["thresholds"][j]).astype(np.int64)
+    return pd.DataFrame(out)
+
+
+def example_scan(manifest: pd.DataFrame, rows: np.ndarray, n: int = 3, size: int = 128) -> np.ndarray:
+    """A small input example: ``n`` consecutive slices of the patient of ``rows[0]``, shrunk to ``size``."""
+    from ichflow.data.images import read_gray
+
+    pid = manifest.loc[int(rows[0]), "patient_id"]
+    part = manifest[manifest["patient_id"] == pid].sort_values("slice_index")
+    mid = max(0, len(part) // 2 - n // 2)
+    paths = part["image_path"].iloc[mid:mid + n]
+    return resize_slices(np.stack([read_gray(p) for p in paths]), size)
+
+
+def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example: np.ndarray,
+                    registered_name: str | None, metadata: dict | None = None):
+    """Log the pyfunc (weights + config JSON) with signature and input example; register when named.
+
+    ``config``: model, in_channels, image_size, classes, thresholds, norm_mean, norm_std (+ anything else).
+    """
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from ichflow.engine.modelio import log_pyfunc
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "weights.pt"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
+    cfg_path = folder / "model_config.json"
+    cfg_path.write_text(json.dumps(config, indent=2))
+    example = np.asarray(example, dtype=np.uint8)
+    fresh = build_model(config["model"], config["in_channels"], len(config["classes"]))
+    fresh.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    # any number of slices of any size: (-1, -1, -1), 8-bit
+    outputs = infer_signature(example, predict_scan(fresh, config, example)).outputs
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]), outputs=outputs)
+    return log_pyfunc(SliceClassifierModel(), artifacts={"weights": str(weights), "config": str(cfg_path)}, signature=signature,
+                      input_example=example, registered_model_name=registered_name, metadata=metadata)

@@ -1,0 +1,156 @@
+"""The segmentation entry point as users run it: a tiny synthetic training leaves a complete MLflow run and a
+registered model that reproduces the logged evaluation. (The default run's quality, test Dice >= 0.7 in
+<= 5 min, is measured outside the suite: see reports/segmentation_phe.md.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichflow.data.splits import subset
+from ichflow.engine.augment import Normalizer
+from ichflow.engine.slices import slice_cache
+from ichflow.paths import runs_dir
+from ichflow.prepare import prepare_data
+from ichflow.tasks.segmentation import REGISTERED_NAME, SegmentationConfig, train_segmentation
+from ichflow.tasks.segmentation.data import predict_scan
+from ichflow.tasks.segmentation.model import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(epochs=2, steps_per_epoch=3, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    cfg = SegmentationConfig(**TINY)
+    return cfg, train_segmentation(cfg)
+
+
+@pytest.mark.slow
+def test_tiny_run_logs_params_metrics_figures_and_inputs(tiny_run):
+    cfg, res = tiny_run
+    assert res["objective_name"] == "val_dice" and res["objective"] == res["val_dice"]
+    for key in ("test_dice", "test_dice_ci_low", "test_dice_pooled", "model_uri", "model_version"):
+        assert key in res
+    client = mlflow.MlflowClient()
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["target"] == "phe" and p["arch"] == "Unet" and p["encoder"] == "resnet18" and p["in_channels"] == "3"
+    assert p["patch_size"] == "64" and p["reader"] == "phe" and "norm_mean" in p and "normalisation" in p
+    assert run.data.tags["ichflow.split_digest"] == p["split_digest"]
+    assert run.data.tags["ichflow.target"] == "phe"
+    # per-epoch curves (step = epoch) and the final metrics of val and test
+    for key in ("train_loss", "val_loss", "val_dice", "val_threshold"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps[:2] == [0, 1], key
+    m = run.data.metrics
+    for split in ("val", "test"):
+        for key in ("dice", "dice_median", "dice_ci_low", "dice_ci_high", "dice_pooled", "iou", "iou_pooled",
+                    "sensitivity_pooled", "specificity", "specificity_pooled", "volume_abs_err_ml",
+                    "slice_accuracy", "slice_tp", "threshold"):
+            assert f"{split}_{key}" in m, f"{split}_{key}"
+        assert 0.0 <= m[f"{split}_dice"] <= 1.0
+        assert m[f"{split}_dice_ci_low"] <= m[f"{split}_dice"] <= m[f"{split}_dice_ci_high"]
+    assert m["val_dice"] == pytest.approx(res["objective"])     # the summary shows the selected checkpoint
+    arts = {a.path for folder in ("figures", "eval") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"figures/test_pixel_confusion.png", "figures/test_overlays.png", "figures/val_overlays.png",
+            "figures/loss_curves.png", "figures/val_dice_curves.png", "eval/test_per_patient.csv",
+            "eval/val_threshold_sweep.csv", "eval/test_metrics.json"} <= arts
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+    assert contexts == {"training", "validation", "testing"}
+
+
+@pytest.mark.slow
+def test_registered_model_reproduces_the_logged_evaluation(tiny_run):
+    cfg, res = tiny_run
+    version = res["model_version"]
+    loaded = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}/{version}")
+    assert loaded.metadata.signature is not None
+    assert loaded.metadata.metadata["threshold"] == res["threshold"]
+    prep = prepare_data(cfg)
+    test = subset(prep.manifest, prep.split, "test")
+    images = slice_cache(test["image_path"].tolist())
+    masks = slice_cache(test["mask_path"].tolist(), is_mask=True)
+    per_patient = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
+                                                                  artifact_path="eval/test_per_patient.csv"),
+                              dtype={"patient_id": str}).set_index("patient_id")
+    # the training run's weights, rebuilt in memory, give the same probabilities as the served model
+    folder = runs_dir() / res["run_id"]
+    import json
+
+    config = json.loads((folder / "model_config.json").read_text())
+    model = build_model(config["model"])
+    model.load_state_dict(torch.load(folder / "model_state.pt", weights_only=True))
+    model.eval()
+    norm = Normalizer(config["norm_mean"], config["norm_std"])
+    for pid, group in test.groupby("patient_id"):
+        rows = group.sort_values("slice_index").index.to_numpy()
+        scan = np.asarray(images[rows])
+        probs = loaded.predict(scan)
+        assert probs.shape == scan.shape and probs.dtype == np.float32
+        expected, _ = predict_scan(model, scan, norm, 3, torch.device("cpu"))
+        np.testing.assert_allclose(probs, expected, atol=1e-5)
+        # the mask output at the selected threshold reproduces the logged per-patient counts
+        mask = loaded.predict(scan, params={"output": "mask"})
+        truth = np.asarray(masks[rows]) > 127
+        row = per_patient.loc[str(pid)]
+        assert int((mask.astype(bool) & truth).sum()) == row["tp"]
+        assert int((mask.astype(bool) & ~truth).sum()) == row["fp"]
+    # uint8 is the declared input type; the input example was logged with the model
+    with pytest.raises(Exception, match="dtype"):
+        loaded.predict(scan.astype(np.float64))
+
+
+@pytest.mark.slow
+def test_tuning_trial_does_not_touch_test_or_register():
+    before = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
+    seen = []
+    res = train_segmentation(SegmentationConfig(**{**TINY, "epochs": 1}, evaluate_test=False, register=False),
+                             on_epoch_end=lambda epoch, metrics: seen.append((epoch, metrics["val_dice"])))
+    assert seen == [(0, pytest.approx(res["objective"]))]
+    assert not any(k.startswith("test_") for k in res) and "model_uri" not in res and "model_version" not in res
+    run = mlflow.MlflowClient().get_run(res["run_id"])
+    assert not any(k.startswith("test_") for k in run.data.metrics)
+    after = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_mlflow_run_cli_segmentation(tmp_path):
+    """`mlflow run . -e segmentation` with the MLproject block (tiny settings), nothing else set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'cli.db'}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    params = ["epochs=1", "steps_per_epoch=2", "batch_size=2", "patch_size=64", "register=false"]
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "segmentation", "--env-manager", "local"]
+    for p in params:
+        cmd += ["-P", p]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["epochs"] in ("1", "1.0") and "test_dice" in runs[0].data.metrics
+    assert client.search_registered_models() == []          # register=false: logged, not registered
+    assert "[segmentation] run" in proc.stdout
+
+
+def test_bad_parameter_exits_with_clear_error():
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "segmentation.py"), "--arch", "Nope"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: parameter arch: must be one of" in proc.stderr
+
+
+def test_dataset_without_masks_is_refused(synthetic_ctich):
+    from ichflow.errors import DataError
+
+    with pytest.raises(DataError, match="needs PHE edema masks"):
+        train_segmentation(SegmentationConfig(dataset="synthetic-ctich", **TINY))

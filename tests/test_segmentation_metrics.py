@@ -1,0 +1,296 @@
+"""Segmentation metrics against hand-computed cases, their edge cases, 2.5D stacking, patch sampling, inputs.
+
+No training here: every test runs in well under a second or two.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichflow.engine.augment import Normalizer
+from ichflow.engine.slices import neighbour_indices, stack_channels
+from ichflow.errors import DataError
+from ichflow.tasks.segmentation import PRESETS, SegmentationConfig
+from ichflow.tasks.segmentation import metrics as M
+from ichflow.tasks.segmentation.data import PatchDataset, crop_padded, predict_scan, scan_neighbours
+from ichflow.tasks.segmentation.model import build_loss, build_model, load_encoder_weights, model_spec
+from ichflow.tasks.segmentation.train import parse_threshold, validate
+from ichflow.tasks.common import apply_preset
+
+
+def _mask(shape, *pixels):
+    m = np.zeros(shape, bool)
+    for p in pixels:
+        m[p] = True
+    return m
+
+
+# ---------------------------------------------------------------- pixel metrics
+
+
+def test_counts_and_metrics_of_a_partial_overlap():
+    truth = _mask((4, 4), (0, 0), (0, 1), (1, 0), (1, 1))       # 4 pixels
+    pred = _mask((4, 4), (0, 0), (0, 1), (3, 3))                 # 2 hits + 1 false positive
+    tp, fp, fn, tn = M.confusion_counts(pred, truth)
+    assert (tp, fp, fn, tn) == (2, 1, 2, 11)
+    assert M.dice(tp, fp, fn) == pytest.approx(2 * 2 / (2 * 2 + 1 + 2))   # 4/7
+    assert M.iou(tp, fp, fn) == pytest.approx(2 / 5)
+    assert M.sensitivity(tp, fn) == pytest.approx(0.5)
+    assert M.specificity(tn, fp) == pytest.approx(11 / 12)
+
+
+def test_edge_cases_empty_truth_and_empty_prediction():
+    empty = np.zeros((3, 3), bool)
+    one = _mask((3, 3), (1, 1))
+    # both empty: perfect agreement; sensitivity undefined
+    c = M.confusion_counts(empty, empty)
+    assert M.dice(*c[:3]) == 1.0 and M.iou(*c[:3]) == 1.0
+    assert math.isnan(M.sensitivity(c[0], c[2])) and M.specificity(c[3], c[1]) == 1.0
+    # empty truth, a false-positive pixel: Dice 0, sensitivity still undefined
+    tp, fp, fn, tn = M.confusion_counts(one, empty)
+    assert M.dice(tp, fp, fn) == 0.0 and M.iou(tp, fp, fn) == 0.0
+    assert math.isnan(M.sensitivity(tp, fn)) and M.specificity(tn, fp) == pytest.approx(8 / 9)
+    # truth present, nothing predicted: Dice 0, sensitivity 0
+    tp, fp, fn, tn = M.confusion_counts(empty, one)
+    assert M.dice(tp, fp, fn) == 0.0 and M.sensitivity(tp, fn) == 0.0
+    # all foreground: specificity undefined
+    full = np.ones((2, 2), bool)
+    tp, fp, fn, tn = M.confusion_counts(full, full)
+    assert M.dice(tp, fp, fn) == 1.0 and math.isnan(M.specificity(tn, fp))
+    with pytest.raises(ValueError, match="shape"):
+        M.confusion_counts(np.zeros((2, 2)), np.zeros((3, 3)))
+
+
+def test_slice_detection_metrics_and_undefined_values():
+    d = M.detection_metrics([1, 1, 0, 0, 1], [1, 0, 1, 0, 1])
+    assert (d["slice_tp"], d["slice_fp"], d["slice_fn"], d["slice_tn"]) == (2, 1, 1, 1)
+    assert d["slice_accuracy"] == pytest.approx(3 / 5)
+    assert d["slice_precision"] == pytest.approx(2 / 3)
+    assert d["slice_recall"] == pytest.approx(2 / 3)
+    assert d["slice_f1"] == pytest.approx(2 / 3)
+    none = M.detection_metrics([0, 0], [0, 0])
+    assert none["slice_accuracy"] == 1.0
+    assert all(math.isnan(none[k]) for k in ("slice_precision", "slice_recall", "slice_f1"))
+    fp_only = M.detection_metrics([0, 0], [1, 0])
+    assert fp_only["slice_precision"] == 0.0 and math.isnan(fp_only["slice_recall"]) and fp_only["slice_f1"] == 0.0
+
+
+def test_volume_in_millilitres():
+    # 1000 voxels of 0.508 x 0.508 x 5 mm = 1.29032 mL
+    assert M.volume_ml(1000) == pytest.approx(1000 * 0.508 * 0.508 * 5 / 1000)
+    assert M.volume_ml(0) == 0.0
+    assert M.volume_ml(10, pixel_mm=1.0, slice_mm=1.0) == pytest.approx(0.01)
+
+
+def _stats(volumes, thresholds=(0.3, 0.5, 0.7)):
+    """SplitStats from {patient: (probs, truth)} via the real accumulate()."""
+    counts, st, sp, spat, sidx, pids = [], [], [], [], [], []
+    for p, (pid, (probs, truth)) in enumerate(volumes.items()):
+        c, t, s = M.accumulate(np.asarray(probs, np.float32), truth, thresholds)
+        counts.append(c)
+        st.append(t)
+        sp.append(s)
+        spat.append(np.full(len(truth), p))
+        sidx.append(np.arange(len(truth)))
+        pids.append(pid)
+    return M.SplitStats(pids, np.asarray(thresholds), np.stack(counts), np.concatenate(st), np.concatenate(sp),
+                        np.concatenate(spat), np.concatenate(sidx))
+
+
+def test_summarise_per_patient_pooled_volume_and_detection():
+    # patient A: 2 slices of 2x2; truth 3 px; prob 0.6 on 2 truth px and on 1 background px
+    truth_a = np.array([[[1, 1], [0, 0]], [[1, 0], [0, 0]]], bool)
+    prob_a = np.array([[[0.6, 0.6], [0.6, 0.0]], [[0.2, 0.0], [0.0, 0.0]]])
+    # patient B: no edema at all, one false-positive pixel at 0.9 on its 2nd slice
+    truth_b = np.zeros((2, 2, 2), bool)
+    prob_b = np.zeros((2, 2, 2))
+    prob_b[1, 0, 0] = 0.9
+    stats = _stats({"A": (prob_a, truth_a), "B": (prob_b, truth_b)})
+    m, table = M.summarise(stats, 0.5, pixel_mm=1.0, slice_mm=1.0)
+    a = table.set_index("patient_id").loc["A"]
+    assert (a["tp"], a["fp"], a["fn"], a["tn"]) == (2, 1, 1, 4)
+    assert a["dice"] == pytest.approx(4 / 6)
+    # per-patient means only over patients with truth (A); B counted separately
+    assert m["dice"] == pytest.approx(4 / 6) and m["dice_median"] == pytest.approx(4 / 6)
+    assert m["n_patients"] == 2 and m["n_patients_no_truth"] == 1 and m["n_patients_no_truth_with_fp"] == 1
+    assert m["sensitivity"] == pytest.approx(2 / 3)
+    # specificity over all patients: A 4/5, B 7/8
+    assert m["specificity"] == pytest.approx((4 / 5 + 7 / 8) / 2)
+    # pooled: tp 2, fp 2, fn 1, tn 11
+    assert (m["pixels_tp"], m["pixels_fp"], m["pixels_fn"], m["pixels_tn"]) == (2, 2, 1, 11)
+    assert m["dice_pooled"] == pytest.approx(4 / 7) and m["iou_pooled"] == pytest.approx(2 / 5)
+    # volumes (1 mm voxels -> 0.001 mL): A truth 3, pred 3 -> err 0; B truth 0, pred 1 -> err 0.001
+    assert table["volume_abs_err_ml"].tolist() == pytest.approx([0.0, 0.001])
+    assert m["volume_abs_err_ml"] == pytest.approx(0.0005)
+    # slices: A0 truth+pred, A1 truth only (0.2 < 0.5), B0 none, B1 FP  -> tp 1, fn 1, fp 1, tn 1
+    assert (m["slice_tp"], m["slice_fn"], m["slice_fp"], m["slice_tn"]) == (1, 1, 1, 1)
+    # at 0.7 only B's false positive survives: A's Dice 0, detection has no true positive
+    m7, _ = M.summarise(stats, 0.7, pixel_mm=1.0, slice_mm=1.0)
+    assert m7["dice"] == 0.0 and m7["slice_precision"] == 0.0
+    # at 0.3 A gets 2 of 3 truth px + 1 FP as at 0.5 (0.2 is still below)
+    thr, means = M.select_threshold(stats)
+    assert thr == 0.3 and means.tolist() == pytest.approx([4 / 6, 4 / 6, 0.0])
+    # a single patient -> CI collapses to the value; NaN metrics never reach MLflow
+    assert m["dice_ci_low"] == m["dice_ci_high"] == pytest.approx(4 / 6)
+    assert "x" not in M.finite({"x": float("nan"), "y": 1})
+    with pytest.raises(ValueError, match="grid"):
+        M.summarise(stats, 0.55)
+
+
+def test_split_without_any_truth_has_no_patient_dice():
+    stats = _stats({"B": (np.zeros((1, 2, 2)), np.zeros((1, 2, 2), bool))})
+    m, _ = M.summarise(stats, 0.5)
+    assert "dice" not in m and m["dice_pooled"] == 1.0 and m["n_patients_no_truth"] == 1
+
+
+# ---------------------------------------------------------------- 2.5D stacking
+
+
+def test_25d_stacking_replicates_edges_and_never_mixes_patients():
+    # two patients, rows deliberately out of axial order; each slice image is filled with a unique value
+    manifest = pd.DataFrame({"patient_id": ["p1", "p1", "p1", "p2", "p2"], "slice_index": [2, 0, 1, 0, 1]})
+    values = np.array([12, 10, 11, 20, 21], np.uint8)
+    images = np.repeat(values[:, None, None], 4, axis=1).repeat(4, axis=2)
+    prev_idx, next_idx = neighbour_indices(manifest)
+
+    def chans(row):
+        return stack_channels(images, row, prev_idx, next_idx, 3)[0, 0].tolist()
+
+    assert chans(1) == [10, 10, 11]   # p1 first slice: below replicated
+    assert chans(2) == [10, 11, 12]
+    assert chans(0) == [11, 12, 12]   # p1 last slice: above replicated
+    assert chans(3) == [20, 20, 21]   # p2 first slice does not see p1
+    assert chans(4) == [20, 21, 21]
+    assert stack_channels(images, 0, prev_idx, next_idx, 1).shape == (4, 4, 1)
+    with pytest.raises(ValueError, match="in_channels"):
+        stack_channels(images, 0, prev_idx, next_idx, 2)
+    # the pyfunc's scan-level neighbours (one scan in axial order) follow the same rule
+    prev_s, next_s = scan_neighbours(3)
+    assert prev_s.tolist() == [0, 0, 1] and next_s.tolist() == [1, 2, 2]
+    assert scan_neighbours(1)[0].tolist() == [0] and scan_neighbours(1)[1].tolist() == [0]
+
+
+def test_predict_scan_equals_per_slice_25d_input():
+    """Whole-scan inference feeds each slice with its own neighbours (edge slices replicated)."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("Unet", "resnet18", 3, "16,16,16,16,16")).eval()
+    rng = np.random.default_rng(0)
+    scan = rng.integers(0, 255, (3, 40, 72), dtype=np.uint8)   # odd size: padded to 64 x 96 inside
+    norm = Normalizer(50.0, 30.0)
+    probs, logits = predict_scan(model, scan, norm, 3, torch.device("cpu"), batch_size=2)
+    assert probs.shape == (3, 40, 72) and probs.dtype == np.float32
+    assert ((probs >= 0) & (probs <= 1)).all()
+    # the last slice alone, stacked by hand as (s1, s2, s2), padded with air
+    x = np.stack([scan[1], scan[2], scan[2]], axis=-1)[None]
+    x = torch.from_numpy(norm(x).transpose(0, 3, 1, 2))
+    x = torch.nn.functional.pad(x, (0, 24, 0, 24), value=float(norm(np.zeros(1))[0]))
+    with torch.inference_mode():
+        ref = model(x)[0, 0, :40, :72].numpy()
+    np.testing.assert_allclose(logits[2], ref, atol=1e-4)
+    # float input 0..255 is accepted and gives the same answer as uint8
+    np.testing.assert_allclose(predict_scan(model, scan.astype(np.float64), norm, 3, torch.device("cpu"),
+                                            batch_size=2)[0], probs, atol=1e-5)
+
+
+# ---------------------------------------------------------------- patch sampling
+
+
+def _toy_split(n=6, size=96):
+    rng = np.random.default_rng(1)
+    images = np.zeros((n, size, size), np.uint8)
+    images[:, 10:86, 10:86] = rng.integers(60, 140, (n, 76, 76))     # "head"
+    masks = np.zeros_like(images)
+    masks[2, 60:66, 60:66] = 255                                      # edema on one slice only
+    idx = np.arange(n)
+    return images, masks, np.maximum(idx - 1, 0), np.minimum(idx + 1, n - 1)
+
+
+def test_patches_oversample_foreground():
+    images, masks, prev_idx, next_idx = _toy_split()
+    norm = Normalizer(100, 20)
+    fg = PatchDataset(images, masks, prev_idx, next_idx, 3, 32, fg_fraction=1.0, aug_strength=0.0,
+                      normalizer=norm, length=40, seed=0)
+    for i in range(40):
+        x, y = fg[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and y.shape == (1, 32, 32)
+        assert set(torch.unique(y).tolist()) <= {0.0, 1.0}
+        assert y.sum() > 0              # every patch centred on edema still shows edema after the crop
+    bg = PatchDataset(images, masks, prev_idx, next_idx, 1, 32, fg_fraction=0.0, aug_strength=0.0,
+                      normalizer=norm, length=200, seed=0)
+    hits = sum(bool(bg[i][1].sum() > 0) for i in range(200))
+    assert hits < 40                    # 1 edema slice of 6, 6x6 px: random patches rarely see it
+    half = PatchDataset(images, masks, prev_idx, next_idx, 1, 32, fg_fraction=0.5, aug_strength=0.5,
+                        normalizer=norm, length=200, seed=3)
+    hits = sum(bool(half[i][1].sum() > 0) for i in range(200))
+    assert 70 <= hits <= 170
+    # the same seed gives the same patches
+    again = PatchDataset(images, masks, prev_idx, next_idx, 1, 32, fg_fraction=0.5, aug_strength=0.5,
+                         normalizer=norm, length=5, seed=3)
+    assert torch.equal(again[0][0], PatchDataset(images, masks, prev_idx, next_idx, 1, 32, 0.5, 0.5, norm, 5,
+                                                 seed=3)[0][0])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        PatchDataset(images, masks, prev_idx, next_idx, 1, 40, 0.5, 0.0, norm, 5)
+
+
+def test_crop_padded_fills_outside_with_air():
+    arr = np.arange(16, dtype=np.uint8).reshape(4, 4) + 1
+    out = crop_padded(arr, 0, 0, 4)
+    assert out.shape == (4, 4)
+    assert out[:2, :2].sum() == 0 and out[2:, 2:].tolist() == [[1, 2], [5, 6]]
+
+
+# ---------------------------------------------------------------- model, loss, parameters
+
+
+def test_build_models_and_loss():
+    for arch, ch in (("Unet", "16,16,16,16,16"), ("FPN", "64,32"), ("UnetPlusPlus", "16,16,16,16,16")):
+        model = build_model(model_spec(arch, "resnet18", 1, ch)).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+    loss = build_loss("dice+bce")
+    y = torch.zeros(1, 1, 8, 8)
+    y[..., 2:4, 2:4] = 1
+    good, bad = loss(y * 20 - 10, y), loss(-y * 20 + 10, y)
+    assert good < 0.05 < bad
+    with pytest.raises(ValueError, match="loss"):
+        build_loss("dice+hinge")
+    with pytest.raises(ValueError, match="5 values"):
+        build_model(model_spec("Unet", "resnet18", 3, "16,16"))
+
+
+def test_local_encoder_weights_load_and_adapt_first_conv(tmp_path):
+    src = build_model(model_spec("Unet", "resnet18", 3, "16,16,16,16,16"))
+    path = tmp_path / "resnet18_encoder.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.encoder.state_dict().items()}}, path)
+    dst = build_model(model_spec("Unet", "resnet18", 1, "16,16,16,16,16"))
+    n = load_encoder_weights(dst, str(path))
+    assert n == len(dst.encoder.state_dict())
+    torch.testing.assert_close(dst.encoder.layer1[0].conv1.weight, src.encoder.layer1[0].conv1.weight)
+    torch.testing.assert_close(dst.encoder.conv1.weight, src.encoder.conv1.weight.sum(dim=1, keepdim=True))
+    with pytest.raises(DataError, match="not a file"):
+        load_encoder_weights(dst, str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_text("not torch")
+    with pytest.raises(DataError, match="not a readable"):
+        load_encoder_weights(dst, str(tmp_path / "junk.pth"))
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"arch": "DeepLabV9"}, "arch"), ({"in_channels": 2}, "in_channels"), ({"patch_size": 100}, "patch_size"),
+    ({"fg_fraction": 1.5}, "fg_fraction"), ({"loss": "dice+hinge"}, "loss"), ({"threshold": "0.55"}, "threshold"),
+    ({"threshold": "high"}, "threshold"), ({"encoder_weights": "imagenet"}, "encoder_weights"),
+    ({"encoder": "resnet999"}, "encoder"), ({"target": "hematoma"}, "target"), ({"epochs": 0}, "epochs"),
+])
+def test_bad_parameters_are_named(change, param):
+    with pytest.raises(DataError, match=f"parameter [a-z_/]*{param}"):
+        validate(SegmentationConfig(**change))
+
+
+def test_threshold_and_preset():
+    assert parse_threshold("auto") is None and parse_threshold("0.8") == 0.8
+    cfg = apply_preset(SegmentationConfig(preset="phe", epochs=2), PRESETS)
+    assert cfg.dataset == "phe" and cfg.patch_size == PRESETS["phe"]["patch_size"]
+    assert cfg.epochs == 2          # what the user set explicitly wins over the preset
+    validate(cfg)
