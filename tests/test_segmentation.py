@@ -110,11 +110,14 @@ def test_registered_model_reproduces_the_logged_evaluation(tiny_run):
 
 @pytest.mark.slow
 def test_tuning_trial_does_not_touch_test_or_register():
+    """Also: a time budget smaller than one epoch stops after the first epoch, with the checkpoint restored."""
     before = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
     seen = []
-    res = train_segmentation(SegmentationConfig(**{**TINY, "epochs": 1}, evaluate_test=False, register=False),
+    res = train_segmentation(SegmentationConfig(**{**TINY, "epochs": 3}, evaluate_test=False, register=False,
+                                                time_budget_min=0.001),
                              on_epoch_end=lambda epoch, metrics: seen.append((epoch, metrics["val_dice"])))
     assert seen == [(0, pytest.approx(res["objective"]))]
+    assert res["epochs_run"] == 1 and res["stopped_by_time_budget"] == 1.0 and res["best_epoch"] == 0
     assert not any(k.startswith("test_") for k in res) and "model_uri" not in res and "model_version" not in res
     run = mlflow.MlflowClient().get_run(res["run_id"])
     assert not any(k.startswith("test_") for k in run.data.metrics)
@@ -154,3 +157,11 @@ def test_dataset_without_masks_is_refused(synthetic_ctich):
 
     with pytest.raises(DataError, match="needs PHE edema masks"):
         train_segmentation(SegmentationConfig(dataset="synthetic-ctich", **TINY))
+
+
+def test_real_data_preset_needs_a_data_folder():
+    env = {k: v for k, v in os.environ.items() if k != "ICHFLOW_DATA_DIR"}
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "segmentation.py"), "--preset", "phe"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "dataset=phe needs a data folder" in proc.stderr

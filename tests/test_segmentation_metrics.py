@@ -291,6 +291,23 @@ def test_bad_parameters_are_named(change, param):
 def test_threshold_and_preset():
     assert parse_threshold("auto") is None and parse_threshold("0.8") == 0.8
     cfg = apply_preset(SegmentationConfig(preset="phe", epochs=2), PRESETS)
-    assert cfg.dataset == "phe" and cfg.patch_size == PRESETS["phe"]["patch_size"]
+    assert cfg.dataset == "phe" and cfg.steps_per_epoch == PRESETS["phe"]["steps_per_epoch"] and cfg.time_budget_min > 0
     assert cfg.epochs == 2          # what the user set explicitly wins over the preset
     validate(cfg)
+
+
+def test_time_budget_hook_stops_before_an_epoch_would_overrun():
+    from ichflow.tasks.segmentation.train import _BudgetReached, _TimeBudget
+
+    calls = []
+    hook = _TimeBudget(1.0, max_epochs=5, inner=lambda e, m: calls.append(e))
+    hook(0, {"val_dice": 0.1})                 # far inside one minute: continue
+    assert calls == [0] and not hook.reached
+    tight = _TimeBudget(1e-9, max_epochs=5)
+    with pytest.raises(_BudgetReached):
+        tight(0, {"val_dice": 0.1})
+    assert tight.reached and tight.result(0, 0.1, "").epochs_run == 1
+    last = _TimeBudget(1e-9, max_epochs=1)     # the last epoch is never reported as cut by the budget
+    last(0, {"val_dice": 0.1})
+    assert not last.reached
+    assert _TimeBudget(0, max_epochs=5)(0, {}) is None   # 0 = no limit

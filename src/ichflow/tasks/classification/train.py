@@ -50,10 +50,12 @@ class ClassificationConfig(TrainConfig):
     model: str = "resnet18"         # any timm model: resnet18, resnet34, efficientnet_b0, ...
     pretrained: str = ""            # '' = from scratch; or the path of a local weights file (no downloads)
     image_size: int = 160           # slices are resized to image_size x image_size
-    batch_size: int = 16
-    epochs: int = 15
-    patience: int = 5
+    batch_size: int = 8
+    epochs: int = 20
+    patience: int = 8
+    lr: float = 3e-3
     imbalance: str = "weighted_loss"  # weighted_loss (BCE pos_weight = neg/pos) | sampler (50/50) | none
+    pos_weight: float = 0.0         # > 0: this BCE pos_weight for the bleed class (tuning); 0 = per imbalance
     threshold_goal: str = "f1"      # f1 = maximise F1 on val | recall = best precision with recall >= target
     target_recall: float = 0.95
     steps_per_epoch: int = 0        # 0 = one pass over the training slices per epoch
@@ -66,6 +68,8 @@ def validate(cfg: ClassificationConfig) -> None:
         raise ValueError(f"imbalance must be one of {sc.IMBALANCE}, got {cfg.imbalance!r}")
     if cfg.threshold_goal not in sc.THRESHOLD_GOALS:
         raise ValueError(f"threshold_goal must be one of {sc.THRESHOLD_GOALS}, got {cfg.threshold_goal!r}")
+    if cfg.pos_weight < 0:
+        raise ValueError(f"pos_weight must be >= 0 (0 = automatic), got {cfg.pos_weight}")
     if not 0.0 < cfg.target_recall <= 1.0:
         raise ValueError(f"target_recall must be in (0, 1], got {cfg.target_recall}")
     if cfg.image_size < 32:
@@ -80,8 +84,8 @@ def validate(cfg: ClassificationConfig) -> None:
 def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
     """Train, choose the threshold on val, evaluate (val, and test when ``cfg.evaluate_test``), log, register.
 
-    Returns the metrics dict: ``objective`` (= ``val_pr_auc``, slice-level PR-AUC of the best checkpoint on
-    validation), ``objective_name``, ``run_id``, ``threshold``, ``val_*``, ``test_*`` (when evaluated),
+    Returns the metrics dict: ``objective`` (= ``val_roc_auc``, slice-level ROC-AUC of the best checkpoint on
+    validation; the checkpoint is chosen by it, ties broken by the lower validation loss), ``objective_name``, ``run_id``, ``threshold``, ``val_*``, ``test_*`` (when evaluated),
     ``model_uri`` / ``model_version`` (when logged / registered).
     """
     cfg = apply_preset(cfg, PRESETS)
@@ -112,11 +116,13 @@ def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
                                    sc.train_augment(cfg.aug_strength, cfg.image_size))
         pos_weight = None
         sampler = None
-        if cfg.imbalance == "weighted_loss":
+        if cfg.pos_weight > 0:
+            pos_weight = np.array([cfg.pos_weight], dtype=np.float32)
+        elif cfg.imbalance == "weighted_loss":
             pos_weight = sc.prevalence_pos_weight(y[rows["train"]])
-            mlflow.log_param("pos_weight", round(float(pos_weight[0]), 4))
-        elif cfg.imbalance == "sampler":
+        if cfg.imbalance == "sampler":
             sampler = sc.balanced_sampler(y[rows["train"]], num_samples=len(rows["train"]), seed=cfg.seed)
+        mlflow.log_param("pos_weight_used", round(float(pos_weight[0]), 4) if pos_weight is not None else "none")
         loss_fn = torch.nn.BCEWithLogitsLoss(
             pos_weight=torch.as_tensor(pos_weight, device=device) if pos_weight is not None else None)
         train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
@@ -132,10 +138,12 @@ def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
         def evaluate(m):
             probs, loss = sc.predict_probs(m, eval_loader["val"], device, amp)
             met = sc.binary_metrics(y[rows["val"]], probs[:, 0], 0.5)
-            return {"val_loss": loss, "val_pr_auc": _nan_to(met["pr_auc"], 0.0),
-                    "val_roc_auc": _nan_to(met["roc_auc"], 0.0), "val_f1_at_0.5": _nan_to(met["f1"], 0.0)}
+            auc = _nan_to(met["roc_auc"], 0.0)
+            # checkpoint selection: val ROC-AUC, ties (e.g. a saturated 1.0) broken by the lower val loss
+            return {"val_loss": loss, "val_roc_auc": auc, "val_pr_auc": _nan_to(met["pr_auc"], 0.0),
+                    "val_f1_at_0.5": _nan_to(met["f1"], 0.0), "val_selection": auc - 1e-3 * min(loss, 10.0)}
 
-        fit = trainer.fit(train_loader, evaluate, cfg.epochs, monitor="val_pr_auc", mode="max",
+        fit = trainer.fit(train_loader, evaluate, cfg.epochs, monitor="val_selection", mode="max",
                           patience=cfg.patience, checkpoint=run_folder() / "best.pt",
                           steps_per_epoch=cfg.steps_per_epoch or None, on_epoch_end=on_epoch_end)
         step = fit.epochs_run  # final (best-checkpoint) values land one step after the last epoch
@@ -153,12 +161,12 @@ def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
                                             cfg.target_recall)
         mlflow.log_metric("threshold", thr, step=step)
         mlflow.log_dict({"threshold": thr, **thr_info}, "eval/threshold.json")
-        result = {"run_id": run.info.run_id, "threshold": thr, "objective_name": "val_pr_auc",
+        result = {"run_id": run.info.run_id, "threshold": thr, "objective_name": "val_roc_auc",
                   "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "train_seconds": fit.train_seconds}
         for s, frame in preds.items():
             frame["pred"] = (frame["score"] >= thr).astype(int)
             result.update(_evaluate_split(s, frame, thr, cfg, step))
-        result["objective"] = result["val_pr_auc"]
+        result["objective"] = result["val_roc_auc"]
         figures_split = "test" if "test" in preds else "val"
         _log_gradcam(model, data, preds[figures_split], rows, y, cfg, norm, device, figures_split)
 

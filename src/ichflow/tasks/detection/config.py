@@ -16,10 +16,10 @@ class DetectionConfig(TrainConfig):
     engine: str = "yolo"           # yolo | fasterrcnn
     model: str = "n"               # yolo: n | s | m (yolov8<x>.yaml from scratch), a model .yaml, or a local .pt;
     #                                fasterrcnn: mobilenet (fasterrcnn_mobilenet_v3_large_fpn) | resnet50
-    imgsz: int = 256               # training/inference size (square); PHE slices are 512
-    epochs: int = 40
+    imgsz: int = 192               # training/inference size (square, multiple of 32); PHE slices are 512
+    epochs: int = 20
     patience: int = 15
-    lr: float = 2e-3
+    lr: float = 5e-3
     weight_decay: float = 5e-4
     batch_size: int = 16
     conf_threshold: float = -1.0   # slice decision: a box with score >= this -> lesion; -1 = val-optimal (max F1)

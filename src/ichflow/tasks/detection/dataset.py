@@ -32,7 +32,7 @@ from ichflow.data.splits import SPLITS, attach_split
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
 from ichflow.paths import cache_dir
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2
 CLASS_NAME = "lesion"
 
 
@@ -40,7 +40,7 @@ CLASS_NAME = "lesion"
 class YoloDataset:
     root: Path
     data_yaml: Path
-    index: pd.DataFrame  # split, stem, image, label, patient_id, slice_index, boxes, has_lesion, width, height, position
+    index: pd.DataFrame  # slice_table() columns + image, label (exported files)
     digest: str
 
     def part(self, split: str) -> pd.DataFrame:
@@ -103,36 +103,44 @@ def export_yolo(manifest: pd.DataFrame, split: pd.DataFrame, channels: int = 3) 
     return _load(root, digest)
 
 
-def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path) -> None:
-    import cv2
+def slice_table(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+    """One row per slice with its split, export file stem, boxes and relative position in the scan.
 
+    ``row`` is the slice's row in ``manifest`` (reset to 0..N-1), i.e. its index into a slice cache of the
+    whole manifest.
+    """
     man = attach_split(manifest.reset_index(drop=True), split)
     if man["split"].isna().any():
         missing = sorted(man.loc[man["split"].isna(), "patient_id"].unique())[:5]
         raise ValueError(f"patients without a split: {missing}")
+    return pd.DataFrame({
+        "split": man["split"].astype(str), "row": np.arange(len(man)),
+        "stem": [f"{p}_{int(s):03d}" for p, s in zip(man["patient_id"], man["slice_index"])],
+        "patient_id": man["patient_id"].astype(str), "slice_index": man["slice_index"].astype(int),
+        "boxes": man["boxes"].astype(str), "has_lesion": man["has_lesion"].astype(bool),
+        "width": man["width"].astype(int), "height": man["height"].astype(int),
+        "position": slice_positions(man), "source_image": man["image_path"].astype(str)})
+
+
+def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path) -> None:
+    import cv2
+
+    table = slice_table(manifest, split)
+    man = manifest.reset_index(drop=True)
     images = slice_cache(man["image_path"].astype(str).tolist())
     prev_idx, next_idx = neighbour_indices(man)
-    positions = slice_positions(man)
-    rows = []
     for name in SPLITS:
         (out / "images" / name).mkdir(parents=True, exist_ok=True)
         (out / "labels" / name).mkdir(parents=True, exist_ok=True)
-    for i, row in man.iterrows():
-        stem = f"{row['patient_id']}_{int(row['slice_index']):03d}"
-        img_file = out / "images" / row["split"] / f"{stem}.png"
-        lbl_file = out / "labels" / row["split"] / f"{stem}.txt"
-        arr = stack_channels(images, i, prev_idx, next_idx, channels)
+    for r in table.itertuples(index=False):
+        img_file = out / "images" / r.split / f"{r.stem}.png"
+        arr = stack_channels(images, r.row, prev_idx, next_idx, channels)
         if not cv2.imwrite(str(img_file), np.ascontiguousarray(arr if channels == 3 else arr[..., 0]),
                            [cv2.IMWRITE_PNG_COMPRESSION, 1]):
             raise OSError(f"{img_file}: could not write the exported slice")
-        boxes = json.loads(row["boxes"])
-        lbl_file.write_text(yolo_label_text(boxes, int(row["width"]), int(row["height"])))
-        rows.append({"split": row["split"], "stem": stem, "patient_id": row["patient_id"],
-                     "slice_index": int(row["slice_index"]), "boxes": row["boxes"],
-                     "has_lesion": bool(row["has_lesion"]), "width": int(row["width"]),
-                     "height": int(row["height"]), "position": float(positions[i]),
-                     "source_image": row["image_path"]})
-    pd.DataFrame(rows).to_csv(out / "index.csv", index=False)
+        label = yolo_label_text(json.loads(r.boxes), r.width, r.height)
+        (out / "labels" / r.split / f"{r.stem}.txt").write_text(label)
+    table.to_csv(out / "index.csv", index=False)
 
 
 def _write_yaml(tmp: Path, final: Path) -> None:
@@ -144,7 +152,8 @@ def _write_yaml(tmp: Path, final: Path) -> None:
 
 
 def _load(root: Path, digest: str) -> YoloDataset:
-    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str}, keep_default_na=False)
+    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str, "split": str, "stem": str, "boxes": str,
+                                                   "source_image": str}, keep_default_na=False)
     index["image"] = [str(root / "images" / s / f"{t}.png") for s, t in zip(index["split"], index["stem"])]
     index["label"] = [str(root / "labels" / s / f"{t}.txt") for s, t in zip(index["split"], index["stem"])]
     return YoloDataset(root=root, data_yaml=root / "data.yaml", index=index, digest=digest)

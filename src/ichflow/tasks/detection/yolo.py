@@ -163,7 +163,15 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
     history: list[dict] = []
     log_to_run = mlflow.active_run() is not None
 
+    pending = {"epoch": False}
+
+    def _train_epoch_end(trainer):
+        pending["epoch"] = True
+
     def _fit_epoch_end(trainer):
+        if not pending["epoch"]:  # Ultralytics' final_eval of best.pt calls this once more at epoch+1: skip
+            return
+        pending["epoch"] = False
         epoch = int(trainer.epoch)
         metrics = {"epoch": epoch, **epoch_metrics(trainer)}
         history.append(metrics)
@@ -173,6 +181,7 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
 
+    model.add_callback("on_train_epoch_end", _train_epoch_end)
     model.add_callback("on_fit_epoch_end", _fit_epoch_end)
     workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
     args = dict(

@@ -66,7 +66,10 @@ def pixel_confusion_figure(metrics: dict, title: str):
 
 
 def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, title: str):
-    """Image / truth / prediction for the best, median and worst patients by Dice (with truth)."""
+    """Image / truth / prediction for the best, median and worst patients by Dice (with truth).
+
+    Each row shows the patient's slice with the most edema, zoomed on truth and prediction.
+    """
     plt = figures.plt
     ranked = table[table["has_truth"]].sort_values("dice", ascending=False).reset_index(drop=True)
     if ranked.empty:
@@ -79,6 +82,8 @@ def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, tit
     for r, (label, row) in enumerate(picks):
         image, truth, prob, sidx = stats.examples[row["patient_id"]]
         pred = prob.astype(np.float32) >= threshold
+        window = _zoom(truth | pred, image.shape)
+        image, truth, pred = image[window], truth[window], pred[window]
         axes[r, 0].imshow(image, cmap="gray")
         axes[r, 0].set_title(f"{label}: patient {row['patient_id']} slice {sidx}\n3D Dice {row['dice']:.3f}",
                              fontsize=9)
@@ -94,6 +99,19 @@ def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, tit
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def _zoom(region: np.ndarray, shape, margin: int = 48, min_size: int = 192):
+    """Slices of a square window around ``region`` (the whole image when it is empty)."""
+    ys, xs = np.nonzero(region)
+    if len(ys) == 0:
+        return slice(None), slice(None)
+    h, w = shape
+    side = min(max(h, w), max(min_size, int(np.ptp(ys)) + 2 * margin, int(np.ptp(xs)) + 2 * margin))
+    cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
+    y0 = int(np.clip(cy - side // 2, 0, max(0, h - side)))
+    x0 = int(np.clip(cx - side // 2, 0, max(0, w - side)))
+    return slice(y0, y0 + side), slice(x0, x0 + side)
 
 
 def threshold_sweep(stats: SplitStats, means: np.ndarray) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from ichflow.engine.device import amp_dtype as resolve_amp
 from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.modelio import log_pyfunc
 from ichflow.engine.slices import neighbour_indices, slice_cache
-from ichflow.engine.trainer import Trainer, default_loss
+from ichflow.engine.trainer import FitResult, Trainer, default_loss
 from ichflow.errors import DataError
 from ichflow.prepare import log_prepared, prepare_data
 from ichflow.tasks.common import TrainConfig, apply_preset, log_config, make_loader, run_folder
@@ -68,14 +68,14 @@ class SegmentationConfig(TrainConfig):
     pixel_spacing_mm: float = 0.508   # in-plane pixel size for volumes (PHE-SICH-CT-IDS)
     slice_thickness_mm: float = 5.0
     detect_min_pixels: int = 1        # slice-level detection: predicted positive with >= this many pixels
+    time_budget_min: float = 0.0      # stop after the epoch when another one would exceed this (0 = no limit)
 
 
 # Named recipes: ``-P preset=phe`` sets every field still at its default.
 PRESETS = {
     # The real PHE-SICH-CT-IDS data on a 2-core CPU in ~25 min (see reports/segmentation_phe.md);
     # on a GPU raise epochs/steps_per_epoch (e.g. -P epochs=40 -P patience=10).
-    "phe": {"dataset": "phe", "patch_size": 160, "steps_per_epoch": 300, "epochs": 4, "patience": 3,
-            "lr": 1e-3, "batch_size": 8, "aug_strength": 0.5},
+    "phe": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 4, "patience": 3, "time_budget_min": 19.0},
 }
 
 
@@ -201,13 +201,23 @@ def train_segmentation(cfg: SegmentationConfig, on_epoch_end=None) -> dict:
                     "val_sensitivity_pooled": metrics["sensitivity_pooled"], "val_threshold": thr}
 
         trainer = Trainer(model, optimizer, default_loss(loss_fn), device, amp_dtype=amp, scheduler=scheduler)
-        fit = trainer.fit(loader, evaluate, max_epochs=cfg.epochs, monitor="val_dice", mode="max",
-                          patience=cfg.patience, checkpoint=run_folder() / "best.pt",
-                          steps_per_epoch=cfg.steps_per_epoch, on_epoch_end=on_epoch_end)
+        checkpoint = run_folder() / "best.pt"
+        budget = _TimeBudget(cfg.time_budget_min, cfg.epochs, on_epoch_end)
+        try:
+            fit = trainer.fit(loader, evaluate, max_epochs=cfg.epochs, monitor="val_dice", mode="max",
+                              patience=cfg.patience, checkpoint=checkpoint, steps_per_epoch=cfg.steps_per_epoch,
+                              on_epoch_end=budget)
+        except _BudgetReached:  # the Trainer stops on exceptions from the hook: restore the best checkpoint here
+            model.load_state_dict(torch.load(checkpoint, map_location=device, weights_only=True))
+            fit = budget.result(best_epoch=int(np.nanargmax([h["val_dice"] for h in budget.history])),
+                                best_score=best["dice"], checkpoint=str(checkpoint))
+            print(f"[segmentation] time budget of {cfg.time_budget_min:g} min reached after {fit.epochs_run} epochs")
+        results_stopped_by_budget = budget.reached
         threshold = best["threshold"]
         results: dict = {"run_id": run.info.run_id, "objective_name": "val_dice", "best_epoch": fit.best_epoch,
                          "epochs_run": fit.epochs_run, "train_seconds": fit.train_seconds,
-                         "stopped_early": float(fit.stopped_early), "threshold": threshold}
+                         "stopped_early": float(fit.stopped_early), "threshold": threshold,
+                         "stopped_by_time_budget": float(results_stopped_by_budget)}
         step = fit.epochs_run  # final values after the per-epoch ones, so the run shows the selected model
         val_metrics, val_table = summarise(best["stats"], threshold, cfg.pixel_spacing_mm, cfg.slice_thickness_mm,
                                            cfg.detect_min_pixels)
@@ -240,9 +250,41 @@ def train_segmentation(cfg: SegmentationConfig, on_epoch_end=None) -> dict:
                 results["model_version"] = int(info.registered_model_version)
         results["total_seconds"] = time.perf_counter() - t_start
         mlflow.log_metrics(finite({k: results[k] for k in ("best_epoch", "epochs_run", "train_seconds",
-                                                           "stopped_early", "total_seconds", "objective")}))
+                                                           "stopped_early", "stopped_by_time_budget",
+                                                           "total_seconds", "objective")}))
     _print_summary(results)
     return results
+
+
+class _BudgetReached(Exception):
+    pass
+
+
+class _TimeBudget:
+    """Epoch-end hook: calls the user's hook, keeps the history, stops before an epoch would overrun."""
+
+    def __init__(self, minutes: float, max_epochs: int, inner=None):
+        self.limit = minutes * 60.0
+        self.max_epochs = max_epochs
+        self.inner = inner
+        self.history: list[dict] = []
+        self.reached = False
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        self.history.append(dict(metrics))
+        if self.inner is not None:
+            self.inner(epoch, metrics)
+        now = time.perf_counter()
+        epoch_seconds, self.last = now - self.last, now
+        if self.limit > 0 and epoch < self.max_epochs - 1 and (now - self.t0) + epoch_seconds > self.limit:
+            self.reached = True
+            raise _BudgetReached
+
+    def result(self, best_epoch: int, best_score: float, checkpoint: str) -> FitResult:
+        return FitResult(best_epoch=best_epoch, best_score=best_score, epochs_run=len(self.history),
+                         history=self.history, train_seconds=time.perf_counter() - self.t0, stopped_early=True,
+                         checkpoint=checkpoint)
 
 
 def _log_preset_values(cfg: SegmentationConfig) -> None:

@@ -1,0 +1,12 @@
+"""Task 2, lesion detection: boxes around hematoma + edema with Ultralytics YOLOv8 or Faster R-CNN.
+
+``train_detection(cfg, on_epoch_end=None) -> dict`` is the entry point body; ``slice_metrics`` scores stored
+predictions at any confidence threshold without retraining.
+"""
+
+from ichflow.tasks.detection.config import PRESETS, DetectionConfig
+from ichflow.tasks.detection.metrics import best_conf_threshold, box_metrics, slice_metrics
+from ichflow.tasks.detection.train import REGISTERED_NAME, train_detection
+
+__all__ = ["DetectionConfig", "PRESETS", "train_detection", "slice_metrics", "best_conf_threshold", "box_metrics",
+           "REGISTERED_NAME"]

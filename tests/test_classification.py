@@ -1,0 +1,180 @@
+"""Bleed / no-bleed slice classification: threshold choice, patient aggregation, model building, the run."""
+
+import dataclasses
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichflow.errors import DataError
+from ichflow.tasks import slice_classifier as sc
+from ichflow.tasks.classification import ClassificationConfig, train_classification
+from ichflow.tasks.classification.train import pick_examples
+
+# hand-made validation scores: 3 bleeds, 3 clean slices
+Y = np.array([1, 1, 1, 0, 0, 0])
+S = np.array([0.9, 0.8, 0.4, 0.5, 0.2, 0.1])
+
+
+def test_threshold_maximising_f1_lies_between_validation_scores():
+    thr, info = sc.select_threshold(Y, S, goal="f1")
+    # F1 per cut: 0.9 -> .50, 0.8 -> .80, 0.5 -> .67, 0.4 -> .857 (best), 0.2 -> .75
+    assert thr == pytest.approx(0.3)          # halfway between the chosen 0.4 and the next lower score 0.2
+    assert info["f1"] == pytest.approx(6 / 7)
+    assert sc.binary_metrics(Y, S, thr)["f1"] == pytest.approx(6 / 7)
+
+
+def test_threshold_for_a_recall_target_takes_the_best_precision_reaching_it():
+    thr, info = sc.select_threshold(Y, S, goal="recall", target_recall=1.0)
+    assert thr == pytest.approx(0.3) and info["recall"] == 1.0 and info["precision"] == pytest.approx(0.75)
+    thr, info = sc.select_threshold(Y, S, goal="recall", target_recall=0.6)
+    assert thr == pytest.approx(0.65)         # cut at 0.8: recall 2/3, precision 1
+    assert info["precision"] == 1.0
+
+
+def test_threshold_with_ties_and_single_class():
+    thr, _ = sc.select_threshold([1, 0, 1, 0], [0.7, 0.7, 0.7, 0.1], goal="f1")
+    assert 0.1 < thr < 0.7
+    thr, info = sc.select_threshold([0, 0, 0], [0.2, 0.4, 0.9])
+    assert thr == 0.5 and "single class" in info["note"]
+    with pytest.raises(ValueError, match="threshold_goal"):
+        sc.select_threshold(Y, S, goal="accuracy")
+
+
+def test_binary_metrics_counts_and_undefined_auc():
+    m = sc.binary_metrics(Y, S, 0.45)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (2, 1, 1, 2)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["roc_auc"] == pytest.approx(8 / 9)
+    assert np.isnan(sc.binary_metrics([1, 1], [0.2, 0.9], 0.5)["roc_auc"])
+
+
+def test_patient_level_positive_when_any_slice_is():
+    frame = pd.DataFrame({"patient_id": ["a", "a", "a", "b", "b", "c"],
+                          "y": [0, 1, 0, 0, 0, 1],
+                          "score": [0.1, 0.3, 0.8, 0.2, 0.6, 0.05]})
+    pt = sc.patient_level(frame)
+    assert pt["patient_id"].tolist() == ["a", "b", "c"]
+    assert pt["y"].tolist() == [1, 0, 1]
+    assert pt["score"].tolist() == [0.8, 0.6, 0.05]   # the highest slice score
+    m = sc.binary_metrics(pt["y"], pt["score"], 0.5)   # a and b predicted positive, c missed
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (1, 1, 1, 0)
+
+
+def test_bootstrap_ci_over_patients_brackets_the_estimate():
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(20):
+        for s in range(6):
+            y = int(s in (2, 3))
+            rows.append({"patient_id": f"p{p}", "y": y, "score": float(np.clip(y * 0.6 + rng.normal(0.2, 0.2), 0, 1))})
+    frame = pd.DataFrame(rows)
+    m = sc.metrics_with_ci(frame, 0.5, n_boot=200)
+    for k in ("accuracy", "f1", "roc_auc"):
+        assert m[f"{k}_ci_low"] <= m[k] <= m[f"{k}_ci_high"]
+    assert m["f1_ci_high"] - m["f1_ci_low"] > 0
+
+
+def test_examples_for_gradcam_cover_each_outcome():
+    frame = pd.DataFrame({"row": range(6), "y": Y, "score": S})
+    frame["pred"] = (frame["score"] >= 0.45).astype(int)
+    picks = pick_examples(frame, per_group=1)
+    assert picks == [("TP", 0), ("FP", 3), ("FN", 2), ("TN", 5)]
+
+
+def test_build_model_channels_classes_and_bad_names(tmp_path):
+    m = sc.build_model("resnet18", 1, 3)
+    assert m(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
+    with pytest.raises(ValueError, match="not a timm model"):
+        sc.build_model("resnet_does_not_exist", 3, 1)
+    with pytest.raises(ValueError, match="in_channels"):
+        sc.build_model("resnet18", 2, 1)
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        sc.build_model("resnet18", 3, 1, pretrained="true")
+    with pytest.raises(DataError, match="weights file not found"):
+        sc.build_model("resnet18", 3, 1, pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_local_weights_file_is_loaded_and_adapted(tmp_path):
+    source = sc.build_model("resnet18", 3, 1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), path)
+    model = sc.build_model("resnet18", 1, 1, pretrained=str(path))
+    assert torch.equal(model.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert model.conv1.weight.shape[1] == 1                 # first conv adapted to one channel
+    assert model.fc.out_features == 1                       # the 1000-class head dropped
+    bad = tmp_path / "junk.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="junk.pth"):
+        sc.build_model("resnet18", 3, 1, pretrained=str(bad))
+
+
+def test_pyfunc_prediction_any_size_uint8_or_float():
+    cfg = {"model": "resnet18", "in_channels": 3, "image_size": 64, "classes": ["has_lesion"],
+           "thresholds": [0.5], "norm_mean": 90.0, "norm_std": 60.0}
+    model = sc.build_model("resnet18", 3, 1)
+    scan = (np.random.default_rng(0).random((5, 100, 80)) * 255).astype(np.uint8)
+    out = sc.predict_scan(model, cfg, scan)
+    assert list(out.columns) == ["has_lesion_probability", "has_lesion"]
+    assert len(out) == 5 and out["has_lesion_probability"].between(0, 1).all()
+    assert ((out["has_lesion_probability"] >= 0.5).astype(int) == out["has_lesion"]).all()
+    again = sc.predict_scan(model, cfg, scan.astype(np.float32))
+    np.testing.assert_allclose(again["has_lesion_probability"], out["has_lesion_probability"], rtol=1e-5)
+
+
+def test_bad_parameters_are_rejected_before_training():
+    for change, msg in (({"imbalance": "smote"}, "imbalance"), ({"threshold_goal": "auc"}, "threshold_goal"),
+                        ({"target_recall": 1.5}, "target_recall"), ({"preset": "nope"}, "unknown preset")):
+        with pytest.raises(ValueError, match=msg):
+            train_classification(dataclasses.replace(ClassificationConfig(), **change))
+
+
+TINY = ClassificationConfig(image_size=64, epochs=2, patience=2, batch_size=8, n_boot=50, gradcam_per_group=1,
+                            num_workers=0)
+
+
+@pytest.mark.slow
+def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic_phe):
+    result = train_classification(TINY)
+    assert result["objective_name"] == "val_roc_auc" and result["objective"] == result["val_roc_auc"]
+    run = mlflow.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    for key in ("threshold", "val_f1", "test_accuracy", "test_precision", "test_recall", "test_f1",
+                "test_roc_auc", "test_pr_auc", "test_f1_ci_low", "test_f1_ci_high", "test_patient_recall",
+                "train_loss", "val_loss", "best_epoch"):
+        assert key in m, key
+    assert m["test_f1_ci_low"] <= m["test_f1"] <= m["test_f1_ci_high"]
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    assert [h.step for h in history] == [0, 1]
+    arts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
+    for name in ("test_confusion.png", "test_patient_confusion.png", "test_roc_pr.png", "test_gradcam.png",
+                 "loss_curves.png"):
+        assert f"figures/{name}" in arts
+    evals = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/test_classification_report.txt", "eval/threshold.json", "eval/test_predictions.csv"} <= evals
+    assert run.data.tags["ichflow.split_digest"] and run.data.params["model"] == "resnet18"
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+    assert contexts == {"training", "validation", "testing"}
+
+    version = result["model_version"]
+    loaded = mlflow.pyfunc.load_model(f"models:/ich-classification/{version}")
+    scan = (np.random.default_rng(1).random((4, 512, 512)) * 255).astype(np.uint8)
+    out = loaded.predict(scan)
+    assert list(out.columns) == ["has_lesion_probability", "has_lesion"] and len(out) == 4
+    thr = m["threshold"]
+    assert ((out["has_lesion_probability"] >= thr).astype(int) == out["has_lesion"]).all()
+
+
+@pytest.mark.slow
+def test_tuning_trial_leaves_test_untouched_and_registers_nothing(synthetic_phe):
+    seen = []
+    cfg = dataclasses.replace(TINY, epochs=1, evaluate_test=False, register=False, in_channels=1,
+                              imbalance="sampler", threshold_goal="recall")
+    result = train_classification(cfg, on_epoch_end=lambda epoch, metrics: seen.append((epoch, metrics)))
+    assert [e for e, _ in seen] == [0] and "val_roc_auc" in seen[0][1]
+    assert not any(k.startswith("test_") for k in result) and "model_version" not in result
+    run = mlflow.get_run(result["run_id"])
+    assert not any(k.startswith("test_") for k in run.data.metrics)
