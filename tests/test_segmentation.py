@@ -2,6 +2,7 @@
 registered model that reproduces the logged evaluation. (The default run's quality, test Dice >= 0.7 in
 <= 5 min, is measured outside the suite: see reports/segmentation_phe.md.)"""
 
+import json
 import os
 import subprocess
 import sys
@@ -83,8 +84,6 @@ def test_registered_model_reproduces_the_logged_evaluation(tiny_run):
                               dtype={"patient_id": str}).set_index("patient_id")
     # the training run's weights, rebuilt in memory, give the same probabilities as the served model
     folder = runs_dir() / res["run_id"]
-    import json
-
     config = json.loads((folder / "model_config.json").read_text())
     model = build_model(config["model"])
     model.load_state_dict(torch.load(folder / "model_state.pt", weights_only=True))

@@ -22,6 +22,7 @@ import math
 import multiprocessing as mp
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,7 @@ def load_space(task: str, path: str = ""):
                 if not hasattr(module, attr):
                     raise AttributeError(f"{cand}: search space must define {attr}")
             module.FIXED = getattr(module, "FIXED", {})
+            module.PRUNER = getattr(module, "PRUNER", None)  # optional: () -> optuna pruner, overrides `pruner`
             module.SOURCE = str(cand)
             return module
     raise FileNotFoundError(f"no search space for task {task!r}: looked in {[str(c) for c in candidates]}")
@@ -186,9 +188,10 @@ def _worker(cfg: TuneConfig, study_name: str, url: str, parent_run_id: str, expe
     os.environ.pop("MLFLOW_RUN_ID", None)  # never resume the parent from a worker
     logging.basicConfig(level=logging.INFO)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = load_space(cfg.task, cfg.space)
+    pruner = space.PRUNER() if space.PRUNER else make_pruner(cfg.pruner, _max_epochs(cfg))
     study = optuna.load_study(study_name=study_name, storage=open_storage(url),
-                              sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker),
-                              pruner=make_pruner(cfg.pruner, _max_epochs(cfg)))
+                              sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker), pruner=pruner)
     study.optimize(_objective_factory(cfg, study_name, parent_run_id, experiment_id), n_trials=n_trials,
                    timeout=cfg.timeout_min * 60 or None, catch=(Exception,), gc_after_trial=True)
 
@@ -303,7 +306,9 @@ def log_study_artifacts(study: optuna.Study) -> None:
         if not completed or (name == "param_importances" and len(completed) < 2):
             continue
         try:
-            ax = fn(study)
+            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ax = fn(study)
             fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
             mlflow.log_figure(fig, f"study/{name}.png")
             plt.close(fig)

@@ -101,8 +101,8 @@ def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
         y = manifest[LABEL].to_numpy().astype(np.float32)
         rows = {s: np.nonzero((manifest["split"] == s).to_numpy())[0] for s in ("train", "val", "test")}
         _check_rows(rows, y, cfg.evaluate_test)
-        mlflow.log_metrics({f"{s}_slices": len(r) for s, r in rows.items()}
-                           | {f"{s}_positive_slices": int(y[r].sum()) for s, r in rows.items()})
+        mlflow.log_metrics({f"slices_{s}": len(r) for s, r in rows.items()}
+                           | {f"positive_slices_{s}": int(y[r].sum()) for s, r in rows.items()})
 
         device = resolve_device(cfg.device)
         amp = amp_dtype(device, cfg.amp)

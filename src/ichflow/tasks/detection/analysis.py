@@ -69,7 +69,8 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
     if len(gts):
         gts["size_bin"], size_labels = _size_bins(gts["size_px"])
         gts["position_bin"] = pos_bin(gts["position"])
-        agg = {"boxes": ("found", "size"), "recall": ("found", "mean"), "mean_iou": ("best_iou", "mean")}
+        agg = {"boxes": ("found", "size"), "recall": ("found", "mean"), "mean_iou": ("best_iou", "mean"),
+               "mean_size_px": ("size_px", "mean")}
         by_size = gts.groupby("size_bin").agg(**agg).reindex(size_labels)
         by_pos = gts.groupby("position_bin").agg(**agg).reindex(POSITION_LABELS)
     neg = index[~index["has_lesion"].astype(bool)].copy()
@@ -80,10 +81,11 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
 
     fns = gts[~gts["found"]].sort_values(["best_score", "best_iou"]) if len(gts) else gts
     n_fn, n_fp = min(n_examples, len(fns)), min(n_examples, len(fps))
-    ncols = max(n_fn, n_fp, 1)
-    fig = plt.figure(figsize=(3.2 * max(ncols, 3), 9.5))
-    grid = fig.add_gridspec(3, max(ncols, 3))
-    ax = fig.add_subplot(grid[0, : max(ncols, 3) // 2 or 1])
+    ncols = max(n_fn, n_fp, 3)
+    nrows = 1 + (n_fn > 0) + (n_fp > 0)
+    fig = plt.figure(figsize=(3.2 * ncols, 3.3 * nrows + 0.4))
+    grid = fig.add_gridspec(nrows, ncols)
+    ax = fig.add_subplot(grid[0, : ncols // 2])
     if len(by_size):
         x = np.arange(len(by_size))
         ax.bar(x - 0.2, by_size["recall"].fillna(0), 0.4, label="recall")
@@ -93,7 +95,7 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
     ax.set_title("by box size (sqrt area)")
-    ax = fig.add_subplot(grid[0, max(ncols, 3) // 2 or 1:])
+    ax = fig.add_subplot(grid[0, ncols // 2:])
     x = np.arange(len(POSITION_LABELS))
     if len(by_pos):
         ax.bar(x - 0.27, by_pos["recall"].fillna(0), 0.27, label="recall")
@@ -109,7 +111,7 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
               f"FN {r['patient_id']}/{int(r['slice_index'])}\nbest IoU {r['best_iou']:.2f} score {r['best_score']:.2f}")
     for k in range(n_fp):
         r = fps.iloc[k]
-        _draw(fig.add_subplot(grid[2, k]), index, int(r["slice_id"]), truths, preds, threshold,
+        _draw(fig.add_subplot(grid[nrows - 1, k]), index, int(r["slice_id"]), truths, preds, threshold,
               f"FP {r['patient_id']}/{int(r['slice_index'])}\nscore {r['score']:.2f}"
               f"{' (negative slice)' if r['negative_slice'] else ''}")
     fig.suptitle(f"Difficulty analysis on {split} (conf >= {threshold:.3f}; green = truth, red = prediction)")
@@ -121,11 +123,20 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
 def _fmt_table(df: pd.DataFrame) -> str:
     if df is None or not len(df):
         return "(none)\n"
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
+        if isinstance(v, (bool, np.bool_)):
+            return "yes" if v else "no"
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.0f}" if float(v).is_integer() and abs(v) > 1 else f"{v:.3f}"
+        return str(v)
+
     cols = [df.index.name or ""] + list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for idx, row in df.iterrows():
-        vals = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.to_numpy()]
-        lines.append("| " + " | ".join([str(idx)] + vals) + " |")
+    for row in df.itertuples():
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -142,14 +153,15 @@ def _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg) -
                        f"(recall {rec.max():.3f}).")
         rp = by_pos["recall"].dropna()
         if len(rp) > 1:
-            out.append(f"- Hardest scan position: {rp.idxmin()} (recall {rp.min():.3f}); lesions near the ends of "
-                       "the scan are smaller and partial-volume blurred.")
+            out.append(f"- Hardest scan position: {rp.idxmin()} (recall {rp.min():.3f}, mean box size "
+                       f"{by_pos.loc[rp.idxmin(), 'mean_size_px']:.0f}px); easiest {rp.idxmax()} "
+                       f"(recall {rp.max():.3f}, mean box size {by_pos.loc[rp.idxmax(), 'mean_size_px']:.0f}px).")
     out.append(f"- {len(fps)} false-positive boxes; {int(neg['fp'].sum())} of {len(neg)} negative slices get a "
                "box above the threshold.")
     fr = fp_pos["fp_rate"].dropna()
     if len(fr) and fr.max() > 0:
-        out.append(f"- Most false positives on negative slices at scan position {fr.idxmax()} "
-                   f"(rate {fr.max():.3f}): skull base / vertex slices with bright bone and beam-hardening.")
+        out.append(f"- Highest false-positive rate on negative slices at scan position {fr.idxmax()} "
+                   f"(rate {fr.max():.3f}).")
     out += ["", "## Recall and IoU by box size", "", _fmt_table(by_size), "## By slice position in the scan", "",
             _fmt_table(by_pos), "## False-positive rate on negative slices by position", "", _fmt_table(fp_pos)]
     if len(gts):
@@ -187,7 +199,7 @@ def overlays(index: pd.DataFrame, preds: pd.DataFrame, truths, threshold: float,
     pick = sorted(pick, key=lambda i: (index.at[i, "patient_id"], index.at[i, "slice_index"]))
     cols = min(4, max(1, len(pick)))
     rows = max(1, int(np.ceil(len(pick) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, sid in zip(axes.ravel(), pick):

@@ -32,23 +32,23 @@ METRIC_DEFINITION = ("boxes: greedy IoU matching per IoU threshold 0.50:0.95 + U
 
 def check_config(cfg: DetectionConfig) -> None:
     if cfg.engine not in ENGINES:
-        raise DataError("engine", f"must be one of {ENGINES}, got {cfg.engine!r}")
+        raise DataError("parameter engine", f"must be one of {ENGINES}, got {cfg.engine!r}")
     if cfg.imgsz < 64 or cfg.imgsz % 32:
-        raise DataError("imgsz", f"must be a multiple of 32 and >= 64, got {cfg.imgsz}")
+        raise DataError("parameter imgsz", f"must be a multiple of 32 and >= 64, got {cfg.imgsz}")
     if not (cfg.conf_threshold == -1 or 0.0 <= cfg.conf_threshold <= 1.0):
-        raise DataError("conf_threshold", f"must be in [0, 1], or -1 for the val-optimal threshold; got "
+        raise DataError("parameter conf_threshold", f"must be in [0, 1], or -1 for the val-optimal threshold; got "
                                           f"{cfg.conf_threshold}")
     if cfg.in_channels not in (1, 3):
-        raise DataError("in_channels", f"must be 1 or 3 (2.5D), got {cfg.in_channels}")
+        raise DataError("parameter in_channels", f"must be 1 or 3 (2.5D), got {cfg.in_channels}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise DataError("epochs/batch_size", "must be >= 1")
+        raise DataError("parameter epochs/batch_size", "must be >= 1")
     if not 0.0 <= cfg.aug_strength <= 1.0:
-        raise DataError("aug_strength", f"must be in [0, 1], got {cfg.aug_strength}")
+        raise DataError("parameter aug_strength", f"must be in [0, 1], got {cfg.aug_strength}")
     if cfg.engine == "fasterrcnn":
         from ichflow.tasks.detection.fasterrcnn import ARCHS
 
         if cfg.model not in ARCHS:
-            raise DataError("model", f"engine=fasterrcnn takes model={' or '.join(ARCHS)}, got {cfg.model!r}")
+            raise DataError("parameter model", f"engine=fasterrcnn takes model={' or '.join(ARCHS)}, got {cfg.model!r}")
 
 
 def _prefixed(prefix: str, m: dict, keys) -> dict:

@@ -1,0 +1,93 @@
+"""Detection training on the synthetic phantom: our MLflow run only, the learning path, the served model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import mlflow
+from ichflow.data.images import read_gray
+from ichflow.prepare import DataConfig, prepare_data
+from ichflow.tasks.detection import REGISTERED_NAME, DetectionConfig, slice_metrics, train_detection
+
+# small enough for CI on 2 cores, long enough to learn the phantom's lesions (mAP@0.5 >= 0.5 on test)
+LEARN = dict(imgsz=128, epochs=14, patience=14, overlays=4)
+
+
+def _all_runs(client):
+    return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+
+
+@pytest.mark.slow
+def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
+    client = mlflow.MlflowClient()
+    exps_before = {e.name for e in client.search_experiments()}
+    runs_before = len(_all_runs(client))
+    seen = []
+    res = train_detection(DetectionConfig(**LEARN), on_epoch_end=lambda e, m: seen.append((e, m["val_map50"])))
+
+    # one run, ours; Ultralytics' MLflow callback opened nothing and logged nothing
+    assert len(_all_runs(client)) == runs_before + 1
+    assert {e.name for e in client.search_experiments()} - exps_before <= {"ichflow-detection"}
+    assert mlflow.active_run() is None
+    run = client.get_run(res["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["ichflow.task"] == "detection"
+    assert "warmup_epochs" not in run.data.params and "mosaic" in run.data.params   # their args.yaml dump is not
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_val_map50")]
+    assert steps == list(range(res["epochs_run"])) == [e for e, _ in seen]
+    assert len(client.get_metric_history(run.info.run_id, "train_box_loss")) == res["epochs_run"]
+    assert run.data.tags["ichflow.split_digest"] == run.data.params["split_digest"]
+    files = {f.path for d in ("figures", "evaluation", "predictions") for f in client.list_artifacts(run.info.run_id, d)}
+    for name in ("figures/pr_curve.png", "figures/confusion_val.png", "figures/confusion_test.png",
+                 "figures/difficulty_test.png", "figures/overlays_test.png", "evaluation/difficulty_test.md",
+                 "evaluation/test_per_patient.csv", "predictions/val_predictions.csv", "predictions/val_slices.csv"):
+        assert name in files
+
+    # the learning path: the phantom's lesions are found on held-out patients
+    assert res["test_map50"] >= 0.5, res
+    assert res["objective"] == res["val_map50"] and res["objective_name"] == "val_map50"
+    assert run.data.metrics["test_map50_ci_low"] <= res["test_map50"] <= run.data.metrics["test_map50_ci_high"]
+
+    # the threshold can be re-tuned from the stored val predictions without retraining
+    slices = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                             artifact_path="predictions/val_slices.csv"))
+    again = slice_metrics(slices["max_score"].to_numpy(), slices["has_lesion"].to_numpy(), res["conf_threshold_used"])
+    assert again["f1"] == pytest.approx(run.data.metrics["val_slice_f1"])
+
+    # registered pyfunc: one test scan (N, H, W) uint8 in, boxes per slice out, same calls as the evaluation
+    version = client.get_model_version(REGISTERED_NAME, str(res["model_version"]))
+    assert version.run_id == run.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}/{res['model_version']}")
+    prep = prepare_data(DataConfig())
+    test_ids = prep.split.loc[prep.split["split"] == "test", "patient_id"]
+    scan_rows = prep.manifest[prep.manifest["patient_id"] == test_ids.iloc[0]].sort_values("slice_index")
+    scan = np.stack([read_gray(p) for p in scan_rows["image_path"]])
+    out = model.predict(scan)
+    assert list(out.columns) == ["slice_index", "x1", "y1", "x2", "y2", "score"]
+    assert out["slice_index"].between(0, len(scan) - 1).all() and (out["score"] >= res["conf_threshold_used"]).all()
+    assert ((out["x2"] > out["x1"]) & (out["y2"] > out["y1"])).all()
+    stored = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                             artifact_path="predictions/test_predictions.csv"))
+    test_part = prep.manifest[prep.manifest["patient_id"].isin(test_ids)].sort_values(["patient_id", "slice_index"])
+    first = (test_part["patient_id"] == test_ids.iloc[0]).to_numpy().nonzero()[0]
+    kept = stored[stored["slice_id"].isin(first) & (stored["score"] >= res["conf_threshold_used"])]
+    assert set(out["slice_index"]) == {int(s) - int(first[0]) for s in kept["slice_id"]}
+    lower = model.predict(scan, params={"conf_threshold": 0.001})
+    assert len(lower) >= len(out)
+
+
+@pytest.mark.slow
+def test_fasterrcnn_trial_keeps_off_test_and_registry(synthetic_phe):
+    client = mlflow.MlflowClient()
+    before = {v.version for v in client.search_model_versions(f"name='{REGISTERED_NAME}'")}
+    seen = []
+    res = train_detection(DetectionConfig(engine="fasterrcnn", model="mobilenet", imgsz=64, epochs=1, batch_size=8,
+                                          evaluate_test=False, register=False),
+                          on_epoch_end=lambda e, m: seen.append((e, m["val_map50"])))
+    assert [e for e, _ in seen] == [0] and res["epochs_run"] == 1
+    assert not any(k.startswith("test_") for k in res) and "model_uri" not in res
+    run = client.get_run(res["run_id"])
+    assert not any(k.startswith("test_") for k in run.data.metrics)
+    assert "val_map50" in run.data.metrics and 0.0 <= res["best_conf_threshold"] <= 1.0
+    assert {v.version for v in client.search_model_versions(f"name='{REGISTERED_NAME}'")} == before

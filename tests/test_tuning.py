@@ -1,0 +1,110 @@
+"""Optuna studies: child runs per trial with mirrored states, pruning, resume, two worker processes.
+
+Trials train the real classification task on the synthetic phantom at a tiny size (64², 2 epochs).
+"""
+
+import textwrap
+
+import mlflow
+import optuna
+import pytest
+
+from ichflow.tuning import TuneConfig, load_space, open_storage, run_tune, shares
+
+TINY = "image_size=64,epochs=2,batch_size=16,n_boot=0,gradcam_per_group=0,in_channels=1"
+
+
+def _children(parent_run_id):
+    client = mlflow.MlflowClient()
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def _parent_of_last_tune():
+    client = mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(exps, "tags.`ichflow.task` = 'tune'", order_by=["attributes.start_time DESC"])[0]
+
+
+@pytest.mark.parametrize("task", ["segmentation", "classification", "detection", "multilabel"])
+def test_search_spaces_sample_within_bounds(task):
+    space = load_space(task)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        trial = study.ask()
+        params = space.suggest(trial)
+        assert 1e-5 <= params["lr"] <= 5e-2
+        assert 0.0 <= params["aug_strength"] <= 1.0
+        study.tell(trial, 0.0)
+    assert isinstance(space.MONITOR, str) and space.MONITOR.startswith("val_")
+
+
+def test_shares_sum_exactly():
+    assert shares(12, 5) == [3, 3, 2, 2, 2] and sum(shares(7, 2)) == 7
+
+
+@pytest.fixture()
+def states_space(tmp_path):
+    """A real search space file with a real Optuna pruner: trial 1 fails (invalid param), trial 2 is pruned."""
+    path = tmp_path / "space.py"
+    path.write_text(textwrap.dedent('''
+        import optuna
+
+        MONITOR = "val_roc_auc"
+        FIXED = {}
+
+        class PruneTrialTwo(optuna.pruners.BasePruner):
+            def prune(self, study, trial):
+                return trial.number == 2
+
+        PRUNER = PruneTrialTwo
+
+        def suggest(trial):
+            params = {"lr": trial.suggest_float("lr", 1e-3, 3e-3, log=True)}
+            if trial.number == 1:
+                params["imbalance"] = "not-a-strategy"   # the task rejects it: the trial fails
+            return params
+    '''))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_states_mirrored_resume_and_refit(states_space, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = TuneConfig(task="classification", n_trials=3, study_name="states", storage=storage, space=states_space,
+                     overrides=TINY, refit_best=True)
+    result = run_tune(cfg)
+    assert (result["trials_complete"], result["trials_failed"], result["trials_pruned"]) == (1, 1, 1)
+    assert result["trial_epochs_saved_by_pruning"] == 1  # pruned after epoch 0 of 2
+    parent = _parent_of_last_tune()
+    children = _children(parent.info.run_id)
+    by_trial = {c.data.tags.get("optuna.trial"): c for c in children if "optuna.trial" in c.data.tags}
+    assert {k: (c.data.tags["optuna.state"], c.info.status) for k, c in by_trial.items()} == {
+        "0": ("COMPLETE", "FINISHED"), "1": ("FAIL", "FAILED"), "2": ("PRUNED", "KILLED")}
+    assert "val_roc_auc" in by_trial["0"].data.metrics and "test_roc_auc" not in by_trial["0"].data.metrics
+    refit = mlflow.MlflowClient().get_run(parent.data.tags["ichflow.best_run_id"])
+    assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert "test_roc_auc" in refit.data.metrics  # the test split is touched once: by the refit of the best
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
+    assert {"study/trials.csv", "study/optimization_history.png"} <= artifacts
+    # resume: same study name + storage adds trials to the same study
+    run_tune(TuneConfig(task="classification", n_trials=1, study_name="states", storage=storage,
+                        space=states_space, overrides=TINY, refit_best=False))
+    study = optuna.load_study(study_name="states", storage=open_storage(storage))
+    assert len(study.trials) == 4
+
+
+@pytest.mark.slow
+def test_two_worker_processes_share_one_study(tmp_path):
+    storage = f"journal:{tmp_path / 'study.journal'}"
+    cfg = TuneConfig(task="classification", n_trials=4, n_workers=2, study_name="pair", storage=storage,
+                     overrides=TINY + ",epochs=1", refit_best=False, pruner="none")
+    result = run_tune(cfg)
+    study = optuna.load_study(study_name="pair", storage=open_storage(storage))
+    numbers = [t.number for t in study.trials]
+    assert sorted(numbers) == [0, 1, 2, 3]
+    assert result["trials_complete"] == 4
+    parent = _parent_of_last_tune()
+    children = _children(parent.info.run_id)
+    run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert {c.info.run_id for c in children} == run_ids  # every trial is a child of this parent, none lost
