@@ -156,15 +156,19 @@ def balanced_sampler(labels: np.ndarray, num_samples: int, seed: int = 0):
                                                   replacement=True, generator=gen)
 
 
-def prevalence_pos_weight(labels: np.ndarray, multipliers=None, cap: float = 100.0) -> np.ndarray:
+def prevalence_pos_weight(labels: np.ndarray, multipliers=None, cap: float = 100.0,
+                          sample_weights=None) -> np.ndarray:
     """BCE ``pos_weight`` per class = negatives / positives in the training labels (x multiplier).
 
-    A class without positives gets weight 1 (nothing to up-weight); weights are capped at ``cap``.
+    ``sample_weights``: the sampler's per-slice draw weights; the prevalence is then the one the model sees
+    in its batches. A class without positives gets weight 1 (nothing to up-weight); weights are capped at
+    ``cap`` before the multipliers.
     """
     y = np.asarray(labels, dtype=float).reshape(len(labels), -1)
-    pos = y.sum(axis=0)
-    neg = len(y) - pos
-    w = np.where(pos > 0, neg / np.maximum(pos, 1), 1.0)
+    sw = np.ones(len(y)) if sample_weights is None else np.asarray(sample_weights, dtype=float).reshape(-1)
+    pos = (sw[:, None] * y).sum(axis=0)
+    neg = sw.sum() - pos
+    w = np.where(pos > 0, neg / np.where(pos > 0, pos, 1), 1.0)
     w = np.clip(w, 1e-3, cap)
     if multipliers is not None:
         mult = np.asarray(multipliers, dtype=float).reshape(-1)

@@ -1,0 +1,138 @@
+"""Multi-label metrics (per class, micro / macro), support, cross-validation aggregation and figures."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ichflow.engine import figures
+from ichflow.tasks import slice_classifier as sc
+
+PER_CLASS = ("precision", "recall", "f1", "roc_auc", "pr_auc")
+
+
+def multilabel_metrics(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str]) -> dict:
+    """Per class ``<c>_{precision,recall,f1,roc_auc,pr_auc}``, and ``macro_*`` / ``micro_*`` F1 and AUC.
+
+    A class without positives (or without negatives) in ``y`` has undefined AUCs (NaN) and recall; the
+    macro averages are over the classes where the metric is defined (``macro_auc_classes`` says how many).
+    ``micro_f1`` pools TP/FP/FN of all classes; ``micro_auc`` ranks all (slice, class) pairs together.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y, dtype=float).reshape(len(y), -1) > 0
+    p = np.asarray(p, dtype=float).reshape(len(p), -1)
+    thr = np.asarray(thresholds, dtype=float).reshape(-1)
+    out: dict = {}
+    tp = fp = fn = 0
+    for j, c in enumerate(classes):
+        m = sc.binary_metrics(y[:, j], p[:, j], thr[j])
+        for k in PER_CLASS:
+            out[f"{c}_{k}"] = m[k]
+        if not y[:, j].any():  # precision of a class that never occurs is not informative
+            out[f"{c}_f1"] = float("nan")
+        tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+    for k, name in (("roc_auc", "auc"), ("pr_auc", "pr_auc"), ("f1", "f1")):
+        vals = [out[f"{c}_{k}"] for c in classes if out[f"{c}_{k}"] == out[f"{c}_{k}"]]
+        out[f"macro_{name}"] = float(np.mean(vals)) if vals else float("nan")
+        if k == "roc_auc":
+            out["macro_auc_classes"] = len(vals)
+    out["micro_f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    flat_y, flat_p = y.ravel(), p.ravel()
+    out["micro_auc"] = float(roc_auc_score(flat_y, flat_p)) if 0 < flat_y.sum() < len(flat_y) else float("nan")
+    return out
+
+
+def support(manifest_rows: pd.DataFrame, y: np.ndarray, classes: list[str]) -> dict:
+    """``<c>_slices`` and ``<c>_patients`` (positives) of the given rows."""
+    y = np.asarray(y).reshape(len(y), -1) > 0
+    pids = manifest_rows["patient_id"].astype(str).to_numpy()
+    out = {}
+    for j, c in enumerate(classes):
+        out[f"{c}_slices"] = int(y[:, j].sum())
+        out[f"{c}_patients"] = int(len(set(pids[y[:, j]])))
+    out["slices"], out["patients"] = len(pids), int(len(set(pids)))
+    return out
+
+
+def aggregate(per_fold: list[dict]) -> dict:
+    """``<key>`` = mean over folds where finite, ``<key>_sd`` = sample sd, ``<key>_folds`` = how many folds."""
+    keys = sorted({k for d in per_fold for k in d})
+    out = {}
+    for k in keys:
+        vals = [float(d[k]) for d in per_fold if k in d and isinstance(d[k], (int, float, np.number))
+                and math.isfinite(float(d[k]))]
+        if not vals:
+            continue
+        out[k] = float(np.mean(vals))
+        out[f"{k}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out[f"{k}_folds"] = len(vals)
+    return out
+
+
+def multilabel_confusion_figure(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str], title: str = ""):
+    """One 2x2 confusion matrix per class (counts, with row-normalised fractions)."""
+    from sklearn.metrics import multilabel_confusion_matrix
+
+    y = np.asarray(y).reshape(len(y), -1) > 0
+    pred = np.asarray(p) >= np.asarray(thresholds, dtype=float)[None, :]
+    mcm = multilabel_confusion_matrix(y, pred)
+    fig, axes = figures.plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3.4), squeeze=False)
+    for ax, cm, c in zip(axes[0], mcm, classes):
+        norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for (r, k), v in np.ndenumerate(cm):
+            ax.text(k, r, f"{v}\n{norm[r, k]:.2f}", ha="center", va="center",
+                    color="white" if norm[r, k] > 0.5 else "black", fontsize=9)
+        ax.set_xticks([0, 1], [f"no {c}", c])
+        ax.set_yticks([0, 1], [f"no {c}", c])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("truth")
+        ax.set_title(c)
+    fig.suptitle(title or "Per-class confusion (counts, fraction of truth row)")
+    fig.tight_layout()
+    return fig
+
+
+def cooccurrence_figure(y: np.ndarray, pids: np.ndarray, classes: list[str], pred: np.ndarray | None = None):
+    """Slices (and patients) where two classes occur together; diagonal = the class alone or not."""
+    y = np.asarray(y).reshape(len(y), -1) > 0
+    panels = [("truth: slices", y.T.astype(int) @ y.astype(int))]
+    pt = pd.DataFrame(y, columns=classes).groupby(np.asarray(pids)).max().to_numpy()
+    panels.append(("truth: patients", pt.T.astype(int) @ pt.astype(int)))
+    if pred is not None:
+        pr = np.asarray(pred).reshape(len(pred), -1) > 0
+        panels.append(("predicted: slices", pr.T.astype(int) @ pr.astype(int)))
+    fig, axes = figures.plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, mat) in zip(axes[0], panels):
+        ax.imshow(mat, cmap="Oranges")
+        for (r, k), v in np.ndenumerate(mat):
+            ax.text(k, r, str(v), ha="center", va="center", fontsize=9,
+                    color="white" if v > mat.max() / 2 else "black")
+        ax.set_xticks(range(len(classes)), classes)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_title(name)
+    fig.suptitle("Label co-occurrence")
+    fig.tight_layout()
+    return fig
+
+
+def summary_markdown(agg: dict, sup: dict, classes: list[str], prefix: str = "cv") -> str:
+    """Per-class table of mean ± sd over folds with support."""
+    def fmt(key):
+        m, s = agg.get(f"{prefix}_{key}"), agg.get(f"{prefix}_{key}_sd")
+        if m is None:
+            return "n/a"
+        n = agg.get(f"{prefix}_{key}_folds")
+        return f"{m:.3f} ± {s:.3f}" + (f" ({n} folds)" if n is not None else "")
+
+    lines = ["| class | slices | patients | ROC-AUC | PR-AUC | F1 | precision | recall |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in classes:
+        lines.append(f"| {c} | {sup.get(f'{c}_slices', '')} | {sup.get(f'{c}_patients', '')} | {fmt(c + '_roc_auc')} | "
+                     f"{fmt(c + '_pr_auc')} | {fmt(c + '_f1')} | {fmt(c + '_precision')} | {fmt(c + '_recall')} |")
+    lines += ["", f"macro ROC-AUC {fmt('macro_auc')}, micro ROC-AUC {fmt('micro_auc')}, "
+                  f"macro F1 {fmt('macro_f1')}, micro F1 {fmt('micro_f1')}"]
+    return "\n".join(lines)
