@@ -1,23 +1,91 @@
-"""The full pipeline behind the ``main`` entry point: every step as a child run of one parent run."""
+"""The full pipeline behind the ``main`` entry point (``mlflow run .``).
+
+prepare -> segmentation, classification, detection, multilabel -> a short tune -> promote each task's model
+-> predict with the segmentation champion. Each step is launched the MLflow Projects way
+(``mlflow.projects.run`` of this project's own entry point), so every step is a normal run in the
+experiment of its task (``ichflow-<task>``) and the pipeline run records the step run ids.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
-from ichflow.prepare import DataConfig, run_prepare
+import mlflow
+
 from ichflow.tracking import log_params_once, task_run
+
+PROJECT = Path(__file__).resolve().parents[2]
+
+# Short schedules for the embedded default: the whole pipeline in ~15 min on 2 CPU cores.
+QUICK = {
+    "segmentation": {"epochs": 4},
+    "classification": {"epochs": 4},
+    "detection": {"epochs": 15},
+    "multilabel": {"epochs": 3, "n_folds": 3},
+    "tune": {"task": "classification", "n_trials": 3, "overrides": "epochs=2,image_size=96"},
+}
+TASKS_BY_READER = {"phe": ("segmentation", "classification", "detection"),
+                   "ctich": ("classification", "multilabel")}
 
 
 @dataclass
 class PipelineConfig:
+    """Everything end to end on one data folder (default: the synthetic phantom)."""
+
     data_dir: str = ""
     dataset: str = "auto"
+    quick: bool = True          # short schedules (the embedded default); false = each entry point's defaults
+
+
+def _step(entry: str, params: dict, experiment: str) -> str:
+    t0 = time.perf_counter()
+    submitted = mlflow.projects.run(str(PROJECT), entry_point=entry, parameters=params, env_manager="local",
+                                    experiment_name=experiment, synchronous=True)
+    print(f"[pipeline] {entry} finished in {time.perf_counter() - t0:.0f} s (run {submitted.run_id})")
+    return submitted.run_id
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:
-    results = {}
-    with task_run("pipeline", run_name="pipeline"):
-        log_params_once({"data_dir": cfg.data_dir, "dataset": cfg.dataset})
-        prep = run_prepare(DataConfig(data_dir=cfg.data_dir, dataset=cfg.dataset))
-        results["prepare"] = prep.report.counts
-    return results
+    from ichflow.prepare import DataConfig, resolve_source
+
+    runs: dict[str, str] = {}
+    t0 = time.perf_counter()
+    with task_run("pipeline", run_name="pipeline") as parent:
+        log_params_once({"data_dir": cfg.data_dir, "dataset": cfg.dataset, "quick": cfg.quick})
+        data = {"data_dir": cfg.data_dir, "dataset": cfg.dataset}
+        runs["prepare"] = _step("prepare", data, "ichflow-prepare")
+        reader = "phe" if not cfg.data_dir else resolve_source(DataConfig(**data))[0]
+        tasks = ("segmentation", "classification", "detection", "multilabel") if not cfg.data_dir \
+            else TASKS_BY_READER[reader]
+        for task in tasks:
+            params = dict(data)
+            if task == "multilabel" and not cfg.data_dir:
+                params["dataset"] = "synthetic-ctich"
+            params.update(QUICK[task] if cfg.quick else {})
+            runs[task] = _step(task, params, f"ichflow-{task}")
+        tune = {**data, **(QUICK["tune"] if cfg.quick else {"task": tasks[0]})}
+        runs["tune"] = _step("tune", tune, "ichflow-tune")
+        for task in tasks:
+            runs[f"promote-{task}"] = _step("promote", {"task": task, "run_id": runs[task]}, "ichflow-registry")
+        runs[f"promote-tuned-{tune['task']}"] = _step("promote", {"task": tune["task"]}, "ichflow-registry")
+        if "segmentation" in tasks:
+            scan = _first_scan(runs["prepare"])
+            runs["predict"] = _step("predict", {"model_uri": "models:/ich-segmentation@champion", "input": scan,
+                                                "output": str(Path("work") / "predictions" / parent.info.run_id)},
+                                    "ichflow-predict")
+        mlflow.set_tags({f"ichflow.step.{k}": v for k, v in runs.items()})
+        mlflow.log_metric("pipeline_seconds", time.perf_counter() - t0)
+    return runs
+
+
+def _first_scan(prepare_run_id: str) -> str:
+    """Folder of the first test patient's slices, from the prepare run's manifest and split."""
+    import pandas as pd
+
+    path = mlflow.artifacts.download_artifacts(run_id=prepare_run_id, artifact_path="data")
+    manifest = pd.read_csv(Path(path) / "manifest.csv", dtype={"patient_id": str})
+    split = pd.read_csv(Path(path) / "split.csv", dtype={"patient_id": str})
+    patient = sorted(split.loc[split["split"] == "test", "patient_id"])[0]
+    return str(Path(manifest.loc[manifest["patient_id"] == patient, "image_path"].iloc[0]).parent)

@@ -219,7 +219,11 @@ def run_promote(cfg: PromoteConfig) -> Decision:
     run_id = cfg.run_id or candidate_from_study(cfg.task, cfg.study_name)
     with task_run("promote", run_name=f"promote-{cfg.task}"):
         log_params_once({"task": cfg.task, "candidate_run_id": run_id, "study_name": cfg.study_name})
-        decision = promote(cfg.task, run_id, cfg.rule)
+        from ichflow.evaluation import champion_evaluator
+
+        rule = load_rule(cfg.task, cfg.rule)  # a champion tested on other data is re-evaluated on the candidate's
+        evaluate = champion_evaluator(cfg.task, [rule["primary"], *rule["guards"]])  # test split (child run)
+        decision = promote(cfg.task, run_id, cfg.rule, evaluate_champion=evaluate)
         mlflow.log_dict(asdict(decision), "decision.json")
         mlflow.set_tags({"ichflow.promoted": str(decision.promoted), "ichflow.model_version": decision.candidate_version})
     verdict = "PROMOTED to @champion" if decision.promoted else "kept as @challenger"

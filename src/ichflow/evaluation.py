@@ -1,0 +1,318 @@
+"""``evaluate``: a registered model on any labelled data folder, with the full metric set of its task.
+
+This is how a hospital checks a model on its own data::
+
+    mlflow run . -e evaluate --env-manager local -P model_uri=models:/ich-segmentation@champion \\
+        -P data_dir=/data/our-scans [-P dataset=phe] [-P patients=all|test]
+
+The model's task comes from its MLflow metadata (``metadata.task``). The data folder is read by
+:func:`ichflow.prepare.prepare_data` (any supported layout; the subtype task also takes a labels CSV);
+``patients=all`` evaluates every patient, ``patients=test`` only the test part of the patient-level split
+(default split parameters, so on the training data it is exactly the training run's test split). Each
+scan is predicted through the pyfunc (slices of one patient in axial order, as served), and the metrics are
+computed by the SAME functions the training run used for its ``test_*`` metrics; they are logged as
+``eval_*`` (``test_dice`` -> ``eval_dice``), so a model evaluated on the test split of the data it was trained
+on reproduces its training run's test metrics, and registry rules can compare both.
+
+The run (experiment ``ichflow-evaluate`` when run directly) records the model (URI, name, version, the run
+that trained it), the task, the data root and split digest, the dataset inputs (the evaluated rows as the
+``evaluation`` input) and the task's figures and per-patient tables.
+
+:func:`champion_evaluator` is the promotion hook: it re-evaluates ``@champion`` on a candidate's test split
+(rebuilt from the candidate run's data parameters) in a child run of the promotion, and returns the
+metrics under the candidate's ``test_*`` names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+
+from ichflow.data.images import read_gray
+from ichflow.data.splits import subset
+from ichflow.errors import DataError
+from ichflow.paths import default_data_dir
+from ichflow.prepare import DataConfig, Prepared, log_prepared, prepare_data
+from ichflow.tracking import log_params_once, task_run
+
+log = logging.getLogger(__name__)
+
+TASKS = ("segmentation", "classification", "multilabel", "detection")
+PATIENTS = ("all", "test")
+PREFIX = "eval"
+# the manifest column each task's dataset inputs are labelled with (as in the training runs)
+TARGETS = {"segmentation": "mask_path", "classification": "has_lesion", "detection": "has_lesion"}
+_DATA_FIELDS = {f.name: f for f in dataclasses.fields(DataConfig)}
+
+
+@dataclass
+class EvaluateConfig(DataConfig):
+    """Evaluate a registered model on a labelled data folder: the task's metrics (eval_*) and figures."""
+
+    model_uri: str = "models:/ich-segmentation@champion"
+    patients: str = "all"         # all = every patient | test = the test part of the patient-level split
+
+
+# ------------------------------------------------------------------------------------------------ the model
+@dataclass
+class LoadedModel:
+    uri: str
+    pyfunc: object                # mlflow.pyfunc.PyFuncModel
+    task: str
+    meta: dict                    # the model's MLflow metadata (task, threshold, classes, ...)
+    run_id: str                   # the run that logged it ('' when unknown)
+    name: str = ""                # registered name, when the URI is a models:/ URI
+    version: str = ""
+    train_params: dict = dataclasses.field(default_factory=dict)   # params of the training run, if reachable
+
+    def unwrap(self):
+        """The ichflow PythonModel behind the pyfunc (None when it cannot be unwrapped)."""
+        try:
+            return self.pyfunc.unwrap_python_model()
+        except Exception:  # noqa: BLE001  (not a python_function model of ours)
+            return None
+
+
+def load_model(model_uri: str) -> LoadedModel:
+    """Load an ichflow pyfunc; a clear DataError when the URI is wrong or the model is not ours."""
+    uri = str(model_uri or "").strip()
+    if not uri:
+        raise DataError("parameter model_uri", "empty; give e.g. models:/ich-segmentation@champion or runs:/<id>/model")
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except (MlflowException, OSError, ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError("parameter model_uri", f"cannot load {uri!r}: {first}") from None
+    meta = dict(model.metadata.metadata or {})
+    task = meta.get("task")
+    if task not in TASKS:
+        raise DataError("parameter model_uri", f"{uri!r} is not an ichflow model: its MLflow metadata has "
+                                               f"task={task!r}, expected one of {TASKS}")
+    loaded = LoadedModel(uri=uri, pyfunc=model, task=task, meta=meta, run_id=model.metadata.run_id or "")
+    loaded.name, loaded.version = _registered_version(uri)
+    if loaded.run_id:
+        try:
+            loaded.train_params = dict(mlflow.MlflowClient().get_run(loaded.run_id).data.params)
+        except MlflowException:
+            log.info("training run %s of %s is not in this tracking store: task defaults are used", loaded.run_id, uri)
+    return loaded
+
+
+def _registered_version(uri: str) -> tuple[str, str]:
+    """(name, version) of a models:/name/<version|stage> or models:/name@alias URI ('' when not registered)."""
+    m = re.match(r"^models:/([^/@]+)(?:@([^/]+)|/([^/]+))/?$", uri)
+    if not m:
+        return "", ""
+    name, alias, ref = m.groups()
+    client = mlflow.MlflowClient()
+    try:
+        if alias:
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        if ref.isdigit():
+            return name, ref
+        versions = client.search_model_versions(f"name='{name}'")
+        return name, str(max(int(v.version) for v in versions)) if versions else ""
+    except MlflowException:
+        return name, ""
+
+
+# ------------------------------------------------------------------------------------------------- the data
+def iter_scans(part: pd.DataFrame):
+    """(patient_id, rows of ``part`` in axial order, (N, H, W) uint8 slices) per patient, patients sorted.
+
+    Slices are decoded exactly as the training cache decodes them (``read_gray``), at native resolution:
+    every model resizes internally, as when it is served.
+    """
+    for pid, group in part.groupby("patient_id", sort=True):
+        group = group.sort_values("slice_index", kind="stable")
+        slices = [read_gray(p) for p in group["image_path"]]
+        shapes = {s.shape for s in slices}
+        if len(shapes) > 1:
+            raise DataError(group["image_path"].iloc[0], f"patient {pid}: slices of different sizes {sorted(shapes)} "
+                                                         "in one scan")
+        yield str(pid), group, np.stack(slices)
+
+
+def load_data(task: str, cfg: DataConfig) -> Prepared:
+    """The prepared data a task's model is evaluated on (the subtype task also reads a labels CSV)."""
+    if task == "multilabel":
+        from ichflow.tasks.multilabel.labels_csv import is_labels_csv, prepare_labels_csv
+
+        if is_labels_csv(cfg.data_dir, cfg.dataset):
+            return prepare_labels_csv(cfg)
+    return prepare_data(cfg)
+
+
+def _data_config(task: str, cfg: EvaluateConfig) -> DataConfig:
+    values = {k: getattr(cfg, k) for k in _DATA_FIELDS}
+    if task == "multilabel" and cfg.dataset == "auto" and not (cfg.data_dir or default_data_dir()):
+        # the subtype model needs subtype labels: the CT-ICH-like phantom (as its training default)
+        from ichflow.tasks.multilabel.train import MultilabelConfig
+
+        values["dataset"] = "synthetic-ctich"
+        if cfg.synthetic_patients == _DATA_FIELDS["synthetic_patients"].default:
+            values["synthetic_patients"] = MultilabelConfig.synthetic_patients
+    return DataConfig(**values)
+
+
+def select_patients(prep: Prepared, patients: str) -> pd.DataFrame:
+    if patients not in PATIENTS:
+        raise DataError("parameter patients", f"must be one of {PATIENTS}, got {patients!r}")
+    part = prep.manifest if patients == "all" else subset(prep.manifest, prep.split, "test")
+    if part.empty:
+        raise DataError(prep.data_root, f"no patients to evaluate (patients={patients}): "
+                                        + ("the split has no test patients" if patients == "test" else "empty data"))
+    return part.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------ the evaluation
+def evaluate_model_on(model_uri, manifest_part: pd.DataFrame, prefix: str = PREFIX) -> dict:
+    """Predict every scan of ``manifest_part`` with the model and compute its task's metrics.
+
+    ``model_uri``: a URI or a :class:`LoadedModel`. Logs the metrics (``<prefix>_<name>``), figures and
+    per-patient tables into the ACTIVE run (open one first) and returns the metrics dict with the same
+    names (NaN where a metric is undefined on this data; NaNs are not logged).
+    """
+    model = model_uri if isinstance(model_uri, LoadedModel) else load_model(model_uri)
+    if mlflow.active_run() is None:
+        raise RuntimeError("evaluate_model_on logs into the active run: start one first")
+    part = manifest_part.reset_index(drop=True)
+    if part.empty:
+        raise DataError("data", "no slices to evaluate")
+    return _glue(model.task).evaluate_external(model, part, prefix)  # checks the data first
+
+
+def _glue(task: str):
+    """The task's ``external`` module: ``check_data(model, part)`` and ``evaluate_external(model, part, prefix)``."""
+    import importlib
+
+    return importlib.import_module(f"ichflow.tasks.{task}.external")
+
+
+def _log_evaluated_input(prep: Prepared, part: pd.DataFrame, task: str, patients: str) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways"; int-column schema hints
+        warnings.simplefilter("ignore")
+        src = resolve_dataset_source(str(prep.data_root))
+        target = TARGETS.get(task) or next((c for c in ("IVH", "has_lesion") if c in part.columns), None)
+        ds = mlflow.data.from_pandas(part, source=src, name=f"{prep.dataset}-{patients}", targets=target)
+        mlflow.log_input(ds, context="evaluation")
+
+
+def _evaluate_in_run(model: LoadedModel, prep: Prepared, part: pd.DataFrame, patients: str,
+                     run_name: str) -> tuple[str, dict]:
+    try:
+        _glue(model.task).check_data(model, part)  # before a run is opened
+    except DataError as exc:
+        raise DataError(prep.data_root if exc.path == "data" else exc.path, exc.problem) from None
+    with task_run("evaluate", run_name=run_name, tags={"ichflow.evaluated_task": model.task}) as run:
+        log_params_once({"model_uri": model.uri, "model_name": model.name, "model_version": model.version,
+                         "model_run_id": model.run_id, "task": model.task, "patients": patients,
+                         "evaluated_patients": int(part["patient_id"].nunique()), "evaluated_slices": len(part)})
+        mlflow.set_tags({"ichflow.model_uri": model.uri, "ichflow.model_run_id": model.run_id})
+        log_prepared(prep, target=TARGETS.get(model.task, "has_lesion"))
+        _log_evaluated_input(prep, part, model.task, patients)
+        metrics = evaluate_model_on(model, part, PREFIX)
+        return run.info.run_id, metrics
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict:
+    """Entry point body: load the model, read the data, evaluate, log; returns run_id, task and eval_* metrics."""
+    if cfg.patients not in PATIENTS:
+        raise DataError("parameter patients", f"must be one of {PATIENTS}, got {cfg.patients!r}")
+    model = load_model(cfg.model_uri)
+    prep = load_data(model.task, _data_config(model.task, cfg))
+    part = select_patients(prep, cfg.patients)
+    label = f"{model.name} v{model.version}" if model.version else model.uri
+    run_id, metrics = _evaluate_in_run(model, prep, part, cfg.patients, run_name=f"evaluate-{model.task}")
+    _print_summary(model, label, prep, part, cfg.patients, run_id, metrics)
+    return {"run_id": run_id, "task": model.task, "model_uri": model.uri, "model_version": model.version,
+            "split_digest": prep.split_digest, **metrics}
+
+
+# ------------------------------------------------------------------------------------------ promotion hook
+def _param(params: dict, key: str):
+    """A data parameter of a training run: the preset's effective value first, '' for MLflow's "''"."""
+    value = params.get(f"preset.{key}", params.get(key))
+    if value is None:
+        return _DATA_FIELDS[key].default
+    value = str(value)
+    if value in ("''", '""'):
+        value = ""
+    typ = type(_DATA_FIELDS[key].default)
+    return int(float(value)) if typ is int else float(value) if typ is float else value
+
+
+def data_config_from_run(run) -> DataConfig:
+    """The DataConfig a training run read its data with, from its logged params."""
+    return DataConfig(**{k: _param(run.data.params, k) for k in _DATA_FIELDS})
+
+
+def candidate_test_part(task: str, run) -> tuple[Prepared, pd.DataFrame]:
+    """Rebuild the candidate run's data and return (prepared, its test part); checks the split digest."""
+    prep = load_data(task, data_config_from_run(run))
+    tags = run.data.tags
+    expected = tags.get("ichflow.prepare_split_digest") or tags.get("ichflow.split_digest", "")
+    if expected and prep.split_digest != expected:
+        raise ValueError(f"cannot rebuild the test split of candidate run {run.info.run_id}: its data parameters "
+                         f"now give split digest {prep.split_digest} at {prep.data_root}, the run was tested on "
+                         f"{expected} (data changed or moved?)")
+    return prep, select_patients(prep, "test")
+
+
+def champion_evaluator(task: str, metric_names=None):
+    """``evaluate_champion(model_uri, candidate_run) -> metrics`` for :func:`ichflow.registry.promote`.
+
+    Evaluates the champion on the candidate's test split in a child ``evaluate`` run (of the active run)
+    and returns its metrics under the candidate's ``test_*`` names (only ``metric_names`` when given).
+    """
+    def evaluate_champion(model_uri: str, candidate_run) -> dict:
+        model = load_model(model_uri)
+        if model.task != task:
+            raise ValueError(f"champion {model_uri} is a {model.task} model, not {task}")
+        prep, part = candidate_test_part(task, candidate_run)
+        _, metrics = _evaluate_in_run(model, prep, part, "test",
+                                      run_name=f"evaluate-champion-v{model.version or '?'}-{task}")
+        renamed = {f"test_{k[len(PREFIX) + 1:]}": v for k, v in metrics.items()}
+        if metric_names is not None:
+            renamed = {k: v for k, v in renamed.items() if k in set(metric_names)}
+        print(f"[promote] champion {model_uri} re-evaluated on the candidate's test split ({prep.split_digest}): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in renamed.items() if isinstance(v, float)))
+        return renamed
+
+    return evaluate_champion
+
+
+# ------------------------------------------------------------------------------------------------- summary
+_HEADLINE = {"segmentation": ("dice", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
+             "classification": ("f1", "recall", "precision", "roc_auc", "patient_f1"),
+             "multilabel": ("macro_auc", "macro_f1", "micro_f1"),
+             "detection": ("map50", "map50_95", "slice_f1", "slice_recall")}
+
+
+def _print_summary(model: LoadedModel, label: str, prep: Prepared, part: pd.DataFrame, patients: str, run_id: str,
+                   metrics: dict) -> None:
+    print(f"[evaluate] {model.task} model {label} on {prep.dataset} ({prep.source}) at {prep.data_root}: "
+          f"{part['patient_id'].nunique()} patients, {len(part)} slices (patients={patients}, split "
+          f"{prep.split_digest})")
+    parts = []
+    for key in _HEADLINE[model.task]:
+        v = metrics.get(f"{PREFIX}_{key}")
+        if v is None:
+            continue
+        lo, hi = metrics.get(f"{PREFIX}_{key}_ci_low"), metrics.get(f"{PREFIX}_{key}_ci_high")
+        text = "n/a" if v != v else f"{v:.3f}"
+        if lo is not None and hi is not None and lo == lo and hi == hi:
+            text += f" [{lo:.3f}, {hi:.3f}]"
+        parts.append(f"{key} {text}")
+    print("  " + ", ".join(parts))
+    print(f"  run {run_id}")

@@ -1,0 +1,189 @@
+"""``evaluate``: a registered model on a labelled data folder, as a hospital checks it on its own data.
+
+Real tiny models trained on the synthetic phantom. On the test patients of the default split, the evaluate
+run reproduces the training run's test metrics (eval_* == test_*); on all patients it scores every patient;
+promotion re-evaluates a champion tested on other data on the candidate's test split.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from ichflow.errors import DataError
+from ichflow.evaluation import EvaluateConfig, run_evaluate
+from ichflow.prepare import DataConfig, prepare_data
+
+REPO = Path(__file__).resolve().parents[1]
+SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
+# metrics of the training run the served model cannot reproduce: the loss needs logits (pyfunc: probabilities)
+NOT_REPRODUCED = {"loss"}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """This module's own tracking store and registry: the promotion test moves @champion."""
+    old = os.environ["MLFLOW_TRACKING_URI"]
+    uri = f"sqlite:///{tmp_path_factory.mktemp('evaluate') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    os.environ["MLFLOW_TRACKING_URI"] = old
+    mlflow.set_tracking_uri(old)
+
+
+@pytest.fixture(scope="module")
+def seg(store):
+    from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
+
+    res = train_segmentation(SegmentationConfig(**SEG_TINY))
+    return res
+
+
+def _prefixed(metrics: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "_")}
+
+
+def _assert_reproduces(train_run, eval_run, ignore=NOT_REPRODUCED, rel=1e-6):
+    test = {k: v for k, v in _prefixed(train_run.data.metrics, "test").items() if k not in ignore}
+    ev = _prefixed(eval_run.data.metrics, "eval")
+    assert set(test) <= set(ev), sorted(set(test) - set(ev))
+    for key, value in test.items():
+        assert ev[key] == pytest.approx(value, rel=rel, abs=1e-9), key
+    return test, ev
+
+
+@pytest.mark.slow
+def test_segmentation_on_the_test_split_reproduces_the_training_test_metrics(seg):
+    uri = f"models:/ich-segmentation/{seg['model_version']}"
+    res = run_evaluate(EvaluateConfig(model_uri=uri, patients="test"))
+    client = mlflow.MlflowClient()
+    run, train = client.get_run(res["run_id"]), client.get_run(seg["run_id"])
+    test, ev = _assert_reproduces(train, run)
+    assert {"dice", "dice_ci_low", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"} <= set(test)
+    assert res["eval_dice"] == pytest.approx(seg["test_dice"])
+    # provenance: the model, its task, the data and the split (the training run's digest: same test patients)
+    assert client.get_experiment(run.info.experiment_id).name == "ichflow-evaluate"
+    p = run.data.params
+    assert p["model_uri"] == uri and p["model_version"] == str(seg["model_version"])
+    assert p["model_run_id"] == seg["run_id"] and p["task"] == "segmentation" and p["patients"] == "test"
+    assert p["split_digest"] == train.data.params["split_digest"] == run.data.tags["ichflow.split_digest"]
+    assert p["data_root"] == train.data.params["data_root"]
+    contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
+    assert "evaluation" in contexts
+    # the task's figures and per-patient table, identical to the training run's test table
+    arts = {a.path for folder in ("figures", "eval") for a in client.list_artifacts(run.info.run_id, folder)}
+    assert {"figures/eval_pixel_confusion.png", "figures/eval_overlays.png", "eval/eval_per_patient.csv",
+            "eval/eval_metrics.json"} <= arts
+    mine = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                           artifact_path="eval/eval_per_patient.csv"))
+    theirs = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=train.info.run_id,
+                                                             artifact_path="eval/test_per_patient.csv"))
+    pd.testing.assert_frame_equal(mine, theirs)
+
+
+@pytest.mark.slow
+def test_all_patients_through_the_champion_alias(seg):
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
+    res = run_evaluate(EvaluateConfig(model_uri="models:/ich-segmentation@champion", patients="all"))
+    prep = prepare_data(DataConfig())
+    assert res["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 12
+    run = client.get_run(res["run_id"])
+    assert run.data.params["model_version"] == str(seg["model_version"]) and run.data.params["patients"] == "all"
+    assert run.data.params["evaluated_slices"] == str(len(prep.manifest))
+    assert 0.0 <= run.data.metrics["eval_dice"] <= 1.0
+
+
+class _NotOurs(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_bad_model_uri_and_foreign_models_give_clear_errors(store):
+    with pytest.raises(DataError, match="parameter model_uri: cannot load 'models:/no-such-model/1'"):
+        run_evaluate(EvaluateConfig(model_uri="models:/no-such-model/1"))
+    with mlflow.start_run() as run:
+        mlflow.pyfunc.log_model(name="model", python_model=_NotOurs(), pip_requirements=["mlflow"])
+    with pytest.raises(DataError, match="is not an ichflow model"):
+        run_evaluate(EvaluateConfig(model_uri=f"runs:/{run.info.run_id}/model"))
+    with pytest.raises(DataError, match="parameter patients"):
+        run_evaluate(EvaluateConfig(model_uri=f"runs:/{run.info.run_id}/model", patients="train"))
+    # the entry script: one line on stderr and exit code 2
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model_uri", "models:/nope@x"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: parameter model_uri: cannot load 'models:/nope@x'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_segmentation_model_on_data_without_masks_is_refused(seg, synthetic_ctich):
+    with pytest.raises(DataError, match="needs PHE edema masks"):
+        run_evaluate(EvaluateConfig(model_uri=f"models:/ich-segmentation/{seg['model_version']}",
+                                    dataset="synthetic-ctich"))
+
+
+@pytest.mark.slow
+def test_mlflow_run_evaluate_entry_point(seg, store):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = store
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env["MLFLOW_EXPERIMENT_NAME"] = "evaluate-cli"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
+           "-P", f"model_uri=models:/ich-segmentation/{seg['model_version']}", "-P", "patients=test"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[evaluate] segmentation model ich-segmentation v" in proc.stdout
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("evaluate-cli").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["eval_dice"] == pytest.approx(seg["test_dice"])
+
+
+class _Stub(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def _candidate(split_seed: int, digest: str, dice: float) -> str:
+    """A promotion candidate tested on another split than the champion (a stub model: promote never loads it)."""
+    with mlflow.start_run(run_name=f"candidate-seed{split_seed}") as run:
+        mlflow.log_params({"data_dir": "''", "dataset": "auto", "split_seed": f"{split_seed}.0"})
+        mlflow.set_tag("ichflow.split_digest", digest)
+        mlflow.log_metrics({"test_dice": dice, "test_sensitivity": dice})
+        mlflow.pyfunc.log_model(name="model", python_model=_Stub(), pip_requirements=["mlflow"])
+    return run.info.run_id
+
+
+@pytest.mark.slow
+def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
+    from ichflow.registry import PromoteConfig, run_promote
+
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
+    other = prepare_data(DataConfig(split_seed=7))
+    assert other.split_digest != client.get_run(seg["run_id"]).data.tags["ichflow.split_digest"]
+    # data that no longer gives the candidate's split: a clear refusal, nothing moved
+    with pytest.raises(ValueError, match="cannot rebuild the test split"):
+        run_promote(PromoteConfig(task="segmentation", run_id=_candidate(7, "0123456789ab", 1.0)))
+    assert client.get_model_version_by_alias("ich-segmentation", "champion").version == str(seg["model_version"])
+
+    cand = _candidate(7, other.split_digest, 1.0)
+    decision = run_promote(PromoteConfig(task="segmentation", run_id=cand))
+    assert set(decision.champion_metrics) == {"test_dice", "test_sensitivity"}
+    # the champion was evaluated in a child run of the promotion, on the candidate's test patients
+    promote_run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                     f"params.candidate_run_id = '{cand}'")[0]
+    child = client.search_runs([promote_run.info.experiment_id],
+                               f"tags.mlflow.parentRunId = '{promote_run.info.run_id}'")
+    assert len(child) == 1 and child[0].data.tags["ichflow.task"] == "evaluate"
+    p = child[0].data.params
+    assert p["split_digest"] == other.split_digest and p["patients"] == "test"
+    assert p["evaluated_patients"] == str((other.split["split"] == "test").sum())
+    assert decision.champion_metrics["test_dice"] == pytest.approx(child[0].data.metrics["eval_dice"])
+    assert decision.promoted and decision.deltas["test_dice"] == pytest.approx(
+        1.0 - child[0].data.metrics["eval_dice"])
