@@ -12,7 +12,7 @@ from ichflow.prepare import DataConfig, prepare_data
 from ichflow.tasks.detection import REGISTERED_NAME, DetectionConfig, slice_metrics, train_detection
 
 # small enough for CI on 2 cores, long enough to learn the phantom's lesions (mAP@0.5 >= 0.5 on test)
-LEARN = dict(imgsz=128, epochs=14, patience=14, overlays=4)
+LEARN = dict(imgsz=160, epochs=16, patience=16, batch_size=8, mosaic=0.0, overlays=4)
 
 
 def _all_runs(client):

@@ -187,3 +187,67 @@ def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
     assert decision.champion_metrics["test_dice"] == pytest.approx(child[0].data.metrics["eval_dice"])
     assert decision.promoted and decision.deltas["test_dice"] == pytest.approx(
         1.0 - child[0].data.metrics["eval_dice"])
+
+
+# ------------------------------------------------------------------ the other tasks: one tiny model each
+def _tiny_classification():
+    from ichflow.tasks.classification.train import ClassificationConfig, train_classification
+
+    return "ich-classification", {}, train_classification(ClassificationConfig(
+        image_size=64, epochs=1, batch_size=8, n_boot=50, gradcam_per_group=0, num_workers=0))
+
+
+def _tiny_detection():
+    from ichflow.tasks.detection import DetectionConfig, train_detection
+
+    return "ich-detection", {}, train_detection(DetectionConfig(engine="fasterrcnn", model="mobilenet", imgsz=64,
+                                                                epochs=1, batch_size=8, overlays=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [_tiny_classification, _tiny_detection], ids=["classification", "detection"])
+def test_other_tasks_on_the_test_split_reproduce_the_training_test_metrics(store, train):
+    name, extra, trained = train()
+    res = run_evaluate(EvaluateConfig(model_uri=f"models:/{name}/{trained['model_version']}", patients="test",
+                                      **extra))
+    client = mlflow.MlflowClient()
+    run = client.get_run(res["run_id"])
+    test, _ = _assert_reproduces(client.get_run(trained["run_id"]), run)
+    rule = __import__("ichflow.registry", fromlist=["load_rule"]).load_rule(run.data.params["task"])
+    assert {k[5:] for k in (rule["primary"], *rule["guards"])} <= set(test)   # registry rules can compare
+    figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert any("confusion" in f and "eval" in f for f in figs), figs
+
+
+@pytest.mark.slow
+def test_subtype_model_on_all_patients(store, synthetic_ctich):
+    from ichflow.tasks.multilabel.train import MultilabelConfig, train_multilabel
+
+    trained = train_multilabel(MultilabelConfig(image_size=64, epochs=1, batch_size=8, num_workers=0, n_folds=3))
+    uri = f"models:/ich-subtypes/{trained['model_version']}"
+    res = run_evaluate(EvaluateConfig(model_uri=uri, patients="all", n_folds=3))
+    client = mlflow.MlflowClient()
+    run = client.get_run(res["run_id"])
+    m = run.data.metrics
+    # the rule's metrics under the training run's names, per-class metrics with support, CIs over patients
+    for key in ("macro_auc", "macro_f1", "micro_f1", "micro_auc", "IVH_roc_auc", "IPH_f1", "SAH_recall",
+                "support_IVH_patients", "macro_auc_ci_low", "macro_auc_ci_high"):
+        assert f"eval_{key}" in m, key
+        assert f"test_{key}" in client.get_run(trained["run_id"]).data.metrics or key.startswith(("support", "macro_auc_ci"))
+    assert m["eval_macro_auc_ci_low"] <= m["eval_macro_auc"] <= m["eval_macro_auc_ci_high"]
+    assert m["eval_support_patients"] == 15
+    figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/eval_multilabel_confusion.png", "figures/eval_cooccurrence.png"} <= figs
+    # the logged predictions are the served model's
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                            artifact_path="eval/eval_predictions.csv"),
+                        dtype={"patient_id": str})
+    prep = prepare_data(DataConfig(dataset="synthetic-ctich", synthetic_patients=15, n_folds=3))
+    pid = table["patient_id"].iloc[0]
+    scan = prep.manifest[prep.manifest["patient_id"] == pid].sort_values("slice_index")
+    from ichflow.data.images import read_gray
+    import numpy as np
+
+    served = mlflow.pyfunc.load_model(uri).predict(np.stack([read_gray(p) for p in scan["image_path"]]))
+    np.testing.assert_allclose(table.loc[table["patient_id"] == pid, "IVH_probability"].to_numpy(),
+                               served["IVH_probability"].to_numpy(), rtol=1e-6)

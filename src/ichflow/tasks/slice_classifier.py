@@ -242,6 +242,14 @@ def select_threshold(y_true, scores, goal: str = "f1", target_recall: float = 0.
     return thr, info
 
 
+def per_class_thresholds(y_true: np.ndarray, scores: np.ndarray, goal: str = "f1",
+                         target_recall: float = 0.95) -> np.ndarray:
+    """:func:`select_threshold` for each column of (n, k) labels and scores (multi-label)."""
+    y = np.asarray(y_true).reshape(len(y_true), -1)
+    s = np.asarray(scores, dtype=float).reshape(len(scores), -1)
+    return np.array([select_threshold(y[:, j], s[:, j], goal, target_recall)[0] for j in range(y.shape[1])])
+
+
 def binary_metrics(y_true, scores, threshold: float) -> dict:
     """Accuracy, precision, recall (sensitivity), specificity, F1 at the threshold; ROC-AUC and PR-AUC.
 
@@ -279,22 +287,34 @@ def patient_level(frame: pd.DataFrame, label: str = "y", score: str = "score") -
 
 def metrics_with_ci(frame: pd.DataFrame, threshold: float, names=("accuracy", "precision", "recall", "f1",
                                                                     "roc_auc", "pr_auc"),
-                    n_boot: int = 1000, seed: int = 0) -> dict:
-    """Metrics of (y, score, patient_id) rows and 95 % CIs from a bootstrap over patients."""
+                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """Metrics of (y, score, patient_id) rows and 95 % CIs from a percentile bootstrap over patients.
+
+    One pass of :func:`ichflow.engine.stats.patient_bootstrap_ci` (whole patients resampled): every
+    metric is computed on the same resamples; resamples where a metric is undefined are left out for it.
+    """
     from ichflow.engine.stats import patient_bootstrap_ci
 
     point = binary_metrics(frame["y"], frame["score"], threshold)
     out = dict(point)
-    for name in names:
-        if n_boot <= 0 or point[name] != point[name]:
-            continue
+    if n_boot <= 0 or frame["patient_id"].nunique() < 2:
+        return out
+    samples: list[dict] = []
 
-        def stat(f, name=name):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return binary_metrics(f["y"], f["score"], threshold)[name]
-        lo, hi = patient_bootstrap_ci(frame, stat, n_boot=n_boot, seed=seed)
-        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = lo, hi
+    def stat(f):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            samples.append(binary_metrics(f["y"], f["score"], threshold))
+        return 0.0
+
+    patient_bootstrap_ci(frame, stat, n_boot=n_boot, alpha=alpha, seed=seed)
+    for name in names:
+        vals = np.array([m[name] for m in samples], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        if point[name] != point[name] or len(vals) == 0:
+            continue
+        out[f"{name}_ci_low"] = float(np.quantile(vals, alpha / 2))
+        out[f"{name}_ci_high"] = float(np.quantile(vals, 1 - alpha / 2))
     return out
 
 

@@ -25,13 +25,16 @@ class DetectionConfig(TrainConfig):
     conf_threshold: float = -1.0   # slice decision: a box with score >= this -> lesion; -1 = val-optimal (max F1)
     mosaic: float = 1.0            # YOLO mosaic probability (scaled by aug_strength)
     close_mosaic: int = 10         # YOLO: last epochs without mosaic
+    neg_fraction: float = 1.0      # share of the TRAIN split's negative slices used for training (val/test: all)
+    time_budget_min: float = 0.0   # stop after the epoch when another one would exceed this (0 = no limit)
     max_det: int = 50              # boxes kept per slice at inference
     overlays: int = 8              # test slices drawn with predicted/true boxes
 
 
 PRESETS: dict[str, dict] = {
-    # real PHE-SICH-CT-IDS data: native 512 px slices, longer schedule (sized for a GPU; see reports/)
+    # real PHE-SICH-CT-IDS data at native 512 px: sized for a GPU (not measured here, see reports/detection_phe.md)
     "phe": {"dataset": "phe", "imgsz": 512, "epochs": 60, "patience": 20, "batch_size": 16},
-    # the same on the 2-core CPU within ~15 min of training
-    "phe-cpu": {"dataset": "phe", "imgsz": 256, "epochs": 8, "patience": 8, "batch_size": 16},
+    # the same data on the 2-core CPU in <= 15 min: 192 px, 30 % of the train negatives, a 10-min training budget
+    "phe-cpu": {"dataset": "phe", "imgsz": 192, "epochs": 12, "patience": 12, "neg_fraction": 0.3,
+                "time_budget_min": 10.0},
 }

@@ -32,7 +32,7 @@ from ichflow.data.splits import SPLITS, attach_split
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
 from ichflow.paths import cache_dir
 
-EXPORT_VERSION = 2
+EXPORT_VERSION = 3
 CLASS_NAME = "lesion"
 
 
@@ -40,7 +40,7 @@ CLASS_NAME = "lesion"
 class YoloDataset:
     root: Path
     data_yaml: Path
-    index: pd.DataFrame  # slice_table() columns + image, label (exported files)
+    index: pd.DataFrame  # slice_table() columns + in_yolo (written to images/), image, label (exported files)
     digest: str
 
     def part(self, split: str) -> pd.DataFrame:
@@ -73,25 +73,34 @@ def slice_positions(manifest: pd.DataFrame) -> np.ndarray:
     return (rank / (count - 1).clip(lower=1)).to_numpy(float)
 
 
-def export_digest(manifest: pd.DataFrame, split: pd.DataFrame, channels: int) -> str:
+def export_digest(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, neg_fraction: float = 1.0,
+                  seed: int = 0) -> str:
     cols = manifest[["patient_id", "slice_index", "image_path", "boxes", "width", "height"]].to_csv(index=False)
     parts = split[["patient_id", "split"]].sort_values("patient_id").to_csv(index=False)
-    key = f"v{EXPORT_VERSION}|c{channels}|{cols}|{parts}"
+    sub = "" if neg_fraction >= 1.0 else f"|neg{neg_fraction:.4f}s{seed}"
+    key = f"v{EXPORT_VERSION}|c{channels}{sub}|{cols}|{parts}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def export_yolo(manifest: pd.DataFrame, split: pd.DataFrame, channels: int = 3) -> YoloDataset:
-    """Write (or reuse) the YOLO dataset for this manifest + split; returns where it is."""
+def export_yolo(manifest: pd.DataFrame, split: pd.DataFrame, channels: int = 3, neg_fraction: float = 1.0,
+                seed: int = 0) -> YoloDataset:
+    """Write (or reuse) the YOLO dataset for this manifest + split; returns where it is.
+
+    ``neg_fraction`` < 1 keeps only that share of the train split's negative slices (a fixed random pick per
+    ``seed``; every lesion slice is kept); val and test always hold every slice.
+    """
     if channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3 (2.5D), got {channels}")
-    digest = export_digest(manifest, split, channels)
+    if not 0.0 < neg_fraction <= 1.0:
+        raise ValueError(f"neg_fraction must be in (0, 1], got {neg_fraction}")
+    digest = export_digest(manifest, split, channels, neg_fraction, seed)
     root = cache_dir() / "yolo" / digest
     if (root / "data.yaml").exists() and (root / "index.csv").exists():
         return _load(root, digest)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{digest}-"))
     try:
-        _write(manifest, split, channels, tmp)
+        _write(manifest, split, channels, tmp, neg_fraction, seed)
         # data.yaml holds absolute paths: rewrite it for the final location before the rename
         _write_yaml(tmp, root)
         if root.exists():
@@ -122,17 +131,23 @@ def slice_table(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
         "position": slice_positions(man), "source_image": man["image_path"].astype(str)})
 
 
-def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path) -> None:
+def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path, neg_fraction: float = 1.0,
+           seed: int = 0) -> None:
     import cv2
 
     table = slice_table(manifest, split)
+    table["in_yolo"] = True
+    if neg_fraction < 1.0:
+        train_neg = np.flatnonzero(((table["split"] == "train") & ~table["has_lesion"]).to_numpy())
+        keep = np.random.default_rng([seed, 17]).random(len(train_neg)) < neg_fraction
+        table.loc[train_neg[~keep], "in_yolo"] = False
     man = manifest.reset_index(drop=True)
     images = slice_cache(man["image_path"].astype(str).tolist())
     prev_idx, next_idx = neighbour_indices(man)
     for name in SPLITS:
         (out / "images" / name).mkdir(parents=True, exist_ok=True)
         (out / "labels" / name).mkdir(parents=True, exist_ok=True)
-    for r in table.itertuples(index=False):
+    for r in table[table["in_yolo"]].itertuples(index=False):
         img_file = out / "images" / r.split / f"{r.stem}.png"
         arr = stack_channels(images, r.row, prev_idx, next_idx, channels)
         if not cv2.imwrite(str(img_file), np.ascontiguousarray(arr if channels == 3 else arr[..., 0]),
@@ -154,6 +169,7 @@ def _write_yaml(tmp: Path, final: Path) -> None:
 def _load(root: Path, digest: str) -> YoloDataset:
     index = pd.read_csv(root / "index.csv", dtype={"patient_id": str, "split": str, "stem": str, "boxes": str,
                                                    "source_image": str}, keep_default_na=False)
+    index["in_yolo"] = index["in_yolo"].astype(str).str.lower().eq("true")
     index["image"] = [str(root / "images" / s / f"{t}.png") for s, t in zip(index["split"], index["stem"])]
     index["label"] = [str(root / "labels" / s / f"{t}.txt") for s, t in zip(index["split"], index["stem"])]
     return YoloDataset(root=root, data_yaml=root / "data.yaml", index=index, digest=digest)

@@ -8,6 +8,7 @@ loss dict. Scored on val each epoch with the same matching/AP code as YOLO (``me
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,10 @@ import torch
 from ichflow.engine.slices import stack_channels
 
 ARCHS = ("mobilenet", "resnet50")
+
+
+class _BudgetReached(Exception):
+    """Raised from the epoch hook when the next epoch would overrun ``time_budget_min``."""
 
 
 def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 50) -> torch.nn.Module:
@@ -151,6 +156,10 @@ def train_fasterrcnn(cfg, manifest: pd.DataFrame, table: pd.DataFrame, device: t
     images = slice_cache(man["image_path"].astype(str).tolist(), size=cfg.imgsz)
     prev_idx, next_idx = neighbour_indices(man)
     train, val = table[table["split"] == "train"], table[table["split"] == "val"].reset_index(drop=True)
+    if cfg.neg_fraction < 1.0:  # the same pick as the YOLO export: every lesion slice, a share of the negatives
+        neg = np.flatnonzero(~train["has_lesion"].to_numpy(bool))
+        drop = neg[~(np.random.default_rng([cfg.seed, 17]).random(len(neg)) < cfg.neg_fraction)]
+        train = train.drop(train.index[drop])
     norm = Normalizer.fit(images[train["row"].to_numpy()], seed=cfg.seed)
     mean, std = norm.mean / 255.0, norm.std / 255.0
     model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det).to(device)
@@ -177,22 +186,35 @@ def train_fasterrcnn(cfg, manifest: pd.DataFrame, table: pd.DataFrame, device: t
                 "val_map50_95": m["map50_95"], "val_fitness": 0.1 * m["map50"] + 0.9 * m["map50_95"]}
 
     log_to_run = mlflow.active_run() is not None
+    budget_s, t0 = 60.0 * cfg.time_budget_min, time.perf_counter()
+    history: list[dict] = []
 
     def epoch_end(epoch, metrics):
+        history.append(dict(metrics))
         if log_to_run:
             mlflow.log_metrics({(f"epoch_{k}" if k in EPOCH_PREFIXED or k == "val_fitness" else k): float(v)
                                 for k, v in metrics.items() if k != "epoch" and math.isfinite(float(v))}, step=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+        elapsed = time.perf_counter() - t0
+        if budget_s > 0 and epoch < cfg.epochs - 1 and elapsed + elapsed / (epoch + 1) > budget_s:
+            raise _BudgetReached
 
     trainer = Trainer(model, opt, compute_loss, device, amp_dtype=amp_dtype(device, cfg.amp), scheduler=sched,
                       grad_clip=10.0, log_to_mlflow=False, progress=False)
     weights = folder / "fasterrcnn_best.pt"
-    fit = trainer.fit(loader, evaluate, cfg.epochs, monitor="val_fitness", mode="max", patience=cfg.patience,
-                      checkpoint=weights, on_epoch_end=epoch_end)
+    stopped = False
+    try:
+        fit = trainer.fit(loader, evaluate, cfg.epochs, monitor="val_fitness", mode="max", patience=cfg.patience,
+                          checkpoint=weights, on_epoch_end=epoch_end)
+        history, best_epoch, epochs_run = fit.history, fit.best_epoch, fit.epochs_run
+    except _BudgetReached:  # the Trainer lets hook exceptions through: restore the best checkpoint here
+        stopped, epochs_run = True, len(history)
+        best_epoch = int(np.nanargmax([h["val_fitness"] for h in history]))
+        model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
     config = {"engine": "fasterrcnn", "arch": cfg.model, "imgsz": cfg.imgsz, "image_mean": mean, "image_std": std,
               "in_channels": cfg.in_channels, "max_det": cfg.max_det, **norm.as_params()}
-    return {"weights": weights, "history": fit.history, "train_seconds": fit.train_seconds,
-            "epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch, "config": config,
+    return {"weights": weights, "history": history, "train_seconds": time.perf_counter() - t0,
+            "epochs_run": epochs_run, "best_epoch": best_epoch, "config": config, "stopped_by_time_budget": stopped,
             "predictor": FasterRCNNPredictor(model, cfg.imgsz, device), "images": images,
             "prev_idx": prev_idx, "next_idx": next_idx}

@@ -42,6 +42,10 @@ def check_config(cfg: DetectionConfig) -> None:
         raise DataError("parameter in_channels", f"must be 1 or 3 (2.5D), got {cfg.in_channels}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise DataError("parameter epochs/batch_size", "must be >= 1")
+    if not 0.0 < cfg.neg_fraction <= 1.0:
+        raise DataError("parameter neg_fraction", f"must be in (0, 1], got {cfg.neg_fraction}")
+    if cfg.time_budget_min < 0:
+        raise DataError("parameter time_budget_min", f"must be >= 0 (0 = no limit), got {cfg.time_budget_min}")
     if not 0.0 <= cfg.aug_strength <= 1.0:
         raise DataError("parameter aug_strength", f"must be in [0, 1], got {cfg.aug_strength}")
     if cfg.engine == "fasterrcnn":
@@ -87,6 +91,7 @@ def train_detection(cfg: DetectionConfig, on_epoch_end=None) -> dict:
     seed_everything(cfg.seed)
     with task_run("detection", run_name=f"detection-{cfg.engine}-{Path(cfg.model).stem}") as run:
         log_config(cfg)
+        _log_preset_values(cfg)
         prep = prepare_data(cfg)
         log_prepared(prep, target="has_lesion")
         folder = run_folder()
@@ -96,7 +101,7 @@ def train_detection(cfg: DetectionConfig, on_epoch_end=None) -> dict:
             from ichflow.tasks.detection.yolo import YoloPredictor, resolve_model, setup_ultralytics, train_yolo
 
             setup_ultralytics()
-            ds = export_yolo(prep.manifest, prep.split, cfg.in_channels)
+            ds = export_yolo(prep.manifest, prep.split, cfg.in_channels, cfg.neg_fraction, cfg.seed)
             table = ds.index
             log_params_once({**params, "model_resolved": resolve_model(cfg.model), "yolo_dataset": str(ds.root),
                              "yolo_dataset_digest": ds.digest})
@@ -142,7 +147,8 @@ def train_detection(cfg: DetectionConfig, on_epoch_end=None) -> dict:
         # ---- validation: box metrics, slice decision, threshold chosen here only
         val = table[table["split"] == "val"].reset_index(drop=True)
         results = {"run_id": run.info.run_id, "epochs_run": fit["epochs_run"], "best_epoch": fit["best_epoch"],
-                   "train_seconds": fit["train_seconds"]}
+                   "train_seconds": fit["train_seconds"],
+                   "stopped_by_time_budget": float(fit.get("stopped_by_time_budget", False))}
         curves = {}
         if len(val):
             preds_v, truths_v, y_v, bm_v = _evaluate_split(val, predict(val))
@@ -241,6 +247,22 @@ def train_detection(cfg: DetectionConfig, on_epoch_end=None) -> dict:
         mlflow.log_metric("wall_seconds", results["wall_seconds"])
     _print_summary(cfg, results)
     return results
+
+
+def _log_preset_values(cfg: DetectionConfig) -> None:
+    """A preset changes fields after ``mlflow run`` logged the -P values: record what was really used."""
+    if not cfg.preset:
+        return
+    params = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+
+    def same(a, b) -> bool:
+        try:
+            return float(a) == float(b)
+        except (TypeError, ValueError):
+            return str(a) == str(b)
+
+    log_params_once({f"preset.{k}": getattr(cfg, k) for k in PRESETS[cfg.preset]
+                     if not same(params.get(k), getattr(cfg, k))})
 
 
 def _log_model(weights: Path, config: dict, folder: Path, part: pd.DataFrame, registered: str | None):

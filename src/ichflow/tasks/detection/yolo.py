@@ -163,7 +163,9 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
     history: list[dict] = []
     log_to_run = mlflow.active_run() is not None
 
-    pending = {"epoch": False}
+    pending = {"epoch": False, "budget": False}
+    t_fit = time.perf_counter()
+    budget_s = 60.0 * float(getattr(cfg, "time_budget_min", 0.0) or 0.0)
 
     def _train_epoch_end(trainer):
         pending["epoch"] = True
@@ -180,6 +182,11 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
                                 if k != "epoch" and math.isfinite(v)}, step=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
+        elapsed = time.perf_counter() - t_fit
+        if budget_s > 0 and epoch < cfg.epochs - 1 and elapsed + elapsed / (epoch + 1) > budget_s:
+            pending["budget"] = True
+            trainer.stop = True  # Ultralytics checks this right after the callback; best.pt is kept
+            log.warning("time budget of %.1f min reached after %d epochs", budget_s / 60, epoch + 1)
 
     model.add_callback("on_train_epoch_end", _train_epoch_end)
     model.add_callback("on_fit_epoch_end", _fit_epoch_end)
@@ -203,7 +210,8 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         fit = [0.1 * h.get("val_map50", 0.0) + 0.9 * h.get("val_map50_95", 0.0) for h in history]
         best_epoch = int(history[int(np.argmax(fit))]["epoch"])
     return {"weights": best, "last": Path(trainer.last), "history": history, "train_seconds": seconds,
-            "epochs_run": len(history), "best_epoch": best_epoch, "args": args}
+            "epochs_run": len(history), "best_epoch": best_epoch, "args": args,
+            "stopped_by_time_budget": pending["budget"]}
 
 
 class YoloPredictor:

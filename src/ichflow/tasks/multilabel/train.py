@@ -308,8 +308,7 @@ def _run_fold(name, k, cfg, classes, mult, data, Y, parts, device, amp, on_epoch
                           steps_per_epoch=cfg.steps_per_epoch or None, on_epoch_end=hook)
         step = fit.epochs_run
         val_p, _ = sc.predict_probs(model, loaders["val"], device, amp)
-        thresholds = np.array([sc.select_threshold(Y[parts["val"], j], val_p[:, j], cfg.threshold_goal,
-                                                   cfg.target_recall)[0] for j in range(len(classes))])
+        thresholds = sc.per_class_thresholds(Y[parts["val"]], val_p, cfg.threshold_goal, cfg.target_recall)
         val_m = mm.multilabel_metrics(Y[parts["val"]], val_p, thresholds, classes)
         out = {"val": val_m, "thresholds": thresholds, "checkpoint": str(run_folder() / "best.pt"), "norm": norm,
                "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "rows": parts["heldout"],
