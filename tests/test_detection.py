@@ -79,6 +79,22 @@ def test_export_of_synthetic_manifest(synthetic_phe):
     assert export_yolo(prep.manifest, other, channels=3).root != ds.root
 
 
+def test_export_can_thin_train_negatives_only(synthetic_phe):
+    prep = prepare_data(DataConfig())
+    full = export_yolo(prep.manifest, prep.split, channels=1)
+    thin = export_yolo(prep.manifest, prep.split, channels=1, neg_fraction=0.4, seed=0)
+    assert thin.root != full.root
+    idx = thin.index
+    train = idx[idx["split"] == "train"]
+    written = {p.stem for p in (thin.root / "images" / "train").glob("*.png")}
+    assert written == set(train.loc[train["in_yolo"], "stem"])
+    assert set(train.loc[train["has_lesion"], "stem"]) <= written                  # every lesion slice kept
+    n_neg = int((~train["has_lesion"]).sum())
+    assert 0 < len(written) - int(train["has_lesion"].sum()) < n_neg             # only some negatives
+    for split in ("val", "test"):                                                 # evaluation: every slice
+        assert len(list((thin.root / "images" / split).glob("*.png"))) == int((idx["split"] == split).sum())
+
+
 @pytest.mark.realdata
 def test_export_of_real_phe_keeps_patient_13(phe_dir):
     """Patient 13's XMLs are named 013_SS.xml: the reader maps them, the export turns them into labels."""

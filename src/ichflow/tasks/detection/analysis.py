@@ -80,7 +80,10 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
     fp_pos = neg.groupby("position_bin").agg(slices=("fp", "size"), fp_rate=("fp", "mean")).reindex(POSITION_LABELS)
 
     fns = gts[~gts["found"]].sort_values(["best_score", "best_iou"]) if len(gts) else gts
-    n_fn, n_fp = min(n_examples, len(fns)), min(n_examples, len(fps))
+    n_fn = min(n_examples, len(fns))
+    # false positives to draw: not the slices already drawn as false negatives (a misplaced box is both)
+    fps_drawn = fps[~fps["slice_id"].isin(set(fns["slice_id"].head(n_fn)))] if len(fps) else fps
+    n_fp = min(n_examples, len(fps_drawn))
     ncols = max(n_fn, n_fp, 3)
     nrows = 1 + (n_fn > 0) + (n_fp > 0)
     fig = plt.figure(figsize=(3.2 * ncols, 3.3 * nrows + 0.4))
@@ -110,13 +113,18 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
         _draw(fig.add_subplot(grid[1, k]), index, int(r["slice_id"]), truths, preds, threshold,
               f"FN {r['patient_id']}/{int(r['slice_index'])}\nbest IoU {r['best_iou']:.2f} score {r['best_score']:.2f}")
     for k in range(n_fp):
-        r = fps.iloc[k]
+        r = fps_drawn.iloc[k]
         _draw(fig.add_subplot(grid[nrows - 1, k]), index, int(r["slice_id"]), truths, preds, threshold,
               f"FP {r['patient_id']}/{int(r['slice_index'])}\nscore {r['score']:.2f}"
               f"{' (negative slice)' if r['negative_slice'] else ''}")
     fig.suptitle(f"Difficulty analysis on {split} (conf >= {threshold:.3f}; green = truth, red = prediction)")
     fig.tight_layout()
-    text = _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg)
+    lesion_keys = set(zip(index.loc[index["has_lesion"].astype(bool), "patient_id"],
+                          index.loc[index["has_lesion"].astype(bool), "slice_index"]))
+    neg_fp = neg[neg["fp"]]
+    adjacent = sum(((p, s - 1) in lesion_keys) or ((p, s + 1) in lesion_keys)
+                   for p, s in zip(neg_fp["patient_id"], neg_fp["slice_index"]))
+    text = _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg, adjacent)
     return fig, text, gts, fps
 
 
@@ -140,13 +148,17 @@ def _fmt_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg) -> str:
+def _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg, adjacent: int) -> str:
     out = [f"# Detection difficulty analysis ({split})", "",
            f"Decision threshold: box score >= {threshold:.3f}. A true box counts as found when a kept prediction "
            "overlaps it with IoU >= 0.5.", ""]
     if len(gts):
+        missed = gts[~gts["found"]]
         out.append(f"- {len(gts)} true boxes, recall {gts['found'].mean():.3f}, mean best IoU "
-                   f"{gts['best_iou'].mean():.3f}; {int((~gts['found']).sum())} missed.")
+                   f"{gts['best_iou'].mean():.3f}; {len(missed)} missed, of which "
+                   f"{int((missed['best_iou'] >= 0.3).sum())} have a kept box at IoU 0.3-0.5 (found but misplaced: "
+                   "such a box also counts as a false positive) and "
+                   f"{int((missed['best_iou'] < 0.3).sum())} have none.")
         rec = by_size["recall"].dropna()
         if len(rec) > 1:
             out.append(f"- Hardest size bin: {rec.idxmin()} (recall {rec.min():.3f}); easiest {rec.idxmax()} "
@@ -157,7 +169,7 @@ def _difficulty_text(split, threshold, gts, fps, by_size, by_pos, fp_pos, neg) -
                        f"{by_pos.loc[rp.idxmin(), 'mean_size_px']:.0f}px); easiest {rp.idxmax()} "
                        f"(recall {rp.max():.3f}, mean box size {by_pos.loc[rp.idxmax(), 'mean_size_px']:.0f}px).")
     out.append(f"- {len(fps)} false-positive boxes; {int(neg['fp'].sum())} of {len(neg)} negative slices get a "
-               "box above the threshold.")
+               f"box above the threshold, {adjacent} of them next to (±1 slice) an annotated lesion slice.")
     fr = fp_pos["fp_rate"].dropna()
     if len(fr) and fr.max() > 0:
         out.append(f"- Highest false-positive rate on negative slices at scan position {fr.idxmax()} "
