@@ -26,14 +26,22 @@ NOT_REPRODUCED = {"loss"}
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """This module's own tracking store and registry: the promotion test moves @champion."""
-    old = os.environ["MLFLOW_TRACKING_URI"]
+    """This module's own tracking store and registry (the promotion test moves @champion); restored after."""
+    from mlflow.tracking import fluent
+
+    old = (os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_EXPERIMENT_ID"), fluent._active_experiment_id)
     uri = f"sqlite:///{tmp_path_factory.mktemp('evaluate') / 'mlflow.db'}"
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("evaluate-tests")   # not an experiment id of the session's store
     yield uri
-    os.environ["MLFLOW_TRACKING_URI"] = old
-    mlflow.set_tracking_uri(old)
+    os.environ["MLFLOW_TRACKING_URI"] = old[0]
+    mlflow.set_tracking_uri(old[0])
+    if old[1] is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = old[1]
+    fluent._active_experiment_id = old[2]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +75,6 @@ def test_segmentation_on_the_test_split_reproduces_the_training_test_metrics(seg
     assert {"dice", "dice_ci_low", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"} <= set(test)
     assert res["eval_dice"] == pytest.approx(seg["test_dice"])
     # provenance: the model, its task, the data and the split (the training run's digest: same test patients)
-    assert client.get_experiment(run.info.experiment_id).name == "ichflow-evaluate"
     p = run.data.params
     assert p["model_uri"] == uri and p["model_version"] == str(seg["model_version"])
     assert p["model_run_id"] == seg["run_id"] and p["task"] == "segmentation" and p["patients"] == "test"
@@ -86,16 +93,31 @@ def test_segmentation_on_the_test_split_reproduces_the_training_test_metrics(seg
     pd.testing.assert_frame_equal(mine, theirs)
 
 
+def _script_env(store):
+    """The environment of a user's shell: this store, no experiment chosen."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = store
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return env
+
+
 @pytest.mark.slow
-def test_all_patients_through_the_champion_alias(seg):
+def test_all_patients_through_the_champion_alias(seg, store):
+    """The entry script run directly: every patient, the model found by its alias, experiment ichflow-evaluate."""
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
-    res = run_evaluate(EvaluateConfig(model_uri="models:/ich-segmentation@champion", patients="all"))
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model_uri",
+                           "models:/ich-segmentation@champion", "--patients", "all"],
+                          env=_script_env(store), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"ich-segmentation v{seg['model_version']}" in proc.stdout and "12 patients" in proc.stdout
+    exp = client.get_experiment_by_name("ichflow-evaluate")
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
     prep = prepare_data(DataConfig())
-    assert res["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 12
-    run = client.get_run(res["run_id"])
+    assert run.data.metrics["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 12
     assert run.data.params["model_version"] == str(seg["model_version"]) and run.data.params["patients"] == "all"
     assert run.data.params["evaluated_slices"] == str(len(prep.manifest))
+    assert run.data.tags["ichflow.task"] == "evaluate"
     assert 0.0 <= run.data.metrics["eval_dice"] <= 1.0
 
 
@@ -129,9 +151,7 @@ def test_segmentation_model_on_data_without_masks_is_refused(seg, synthetic_ctic
 
 @pytest.mark.slow
 def test_mlflow_run_evaluate_entry_point(seg, store):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env["MLFLOW_TRACKING_URI"] = store
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env = _script_env(store)
     env["MLFLOW_EXPERIMENT_NAME"] = "evaluate-cli"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "evaluate", "--env-manager", "local",
            "-P", f"model_uri=models:/ich-segmentation/{seg['model_version']}", "-P", "patients=test"]
