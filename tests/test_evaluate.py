@@ -103,18 +103,19 @@ def _script_env(store):
 
 @pytest.mark.slow
 def test_all_patients_through_the_champion_alias(seg, store):
-    """The entry script run directly: every patient, the model found by its alias, experiment ichflow-evaluate."""
+    """The entry script run directly on other data (a 5-patient phantom): every patient, the model found by its
+    alias, the run in experiment ichflow-evaluate."""
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "evaluate.py"), "--model_uri",
-                           "models:/ich-segmentation@champion", "--patients", "all"],
+                           "models:/ich-segmentation@champion", "--patients", "all", "--synthetic_patients", "5"],
                           env=_script_env(store), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"ich-segmentation v{seg['model_version']}" in proc.stdout and "12 patients" in proc.stdout
+    assert f"ich-segmentation v{seg['model_version']}" in proc.stdout and "5 patients" in proc.stdout
     exp = client.get_experiment_by_name("ichflow-evaluate")
     run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
-    prep = prepare_data(DataConfig())
-    assert run.data.metrics["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 12
+    prep = prepare_data(DataConfig(synthetic_patients=5))
+    assert run.data.metrics["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 5
     assert run.data.params["model_version"] == str(seg["model_version"]) and run.data.params["patients"] == "all"
     assert run.data.params["evaluated_slices"] == str(len(prep.manifest))
     assert run.data.tags["ichflow.task"] == "evaluate"
@@ -190,7 +191,7 @@ def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
     # data that no longer gives the candidate's split: a clear refusal, nothing moved
     with pytest.raises(ValueError, match="cannot rebuild the test split"):
         run_promote(PromoteConfig(task="segmentation", run_id=_candidate(7, "0123456789ab", 1.0)))
-    assert client.get_model_version_by_alias("ich-segmentation", "champion").version == str(seg["model_version"])
+    assert str(client.get_model_version_by_alias("ich-segmentation", "champion").version) == str(seg["model_version"])
 
     cand = _candidate(7, other.split_digest, 1.0)
     decision = run_promote(PromoteConfig(task="segmentation", run_id=cand))

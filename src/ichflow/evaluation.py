@@ -204,7 +204,8 @@ def _log_evaluated_input(prep: Prepared, part: pd.DataFrame, task: str, patients
         warnings.simplefilter("ignore")
         src = resolve_dataset_source(str(prep.data_root))
         target = TARGETS.get(task) or next((c for c in ("IVH", "has_lesion") if c in part.columns), None)
-        ds = mlflow.data.from_pandas(part, source=src, name=f"{prep.dataset}-{patients}", targets=target)
+        ds = mlflow.data.from_pandas(part, source=src, name=f"{prep.dataset}-evaluated-{patients}",
+                                    targets=target)
         mlflow.log_input(ds, context="evaluation")
 
 
