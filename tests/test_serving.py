@@ -72,7 +72,7 @@ def test_serve_round_trip(seg_model, synthetic_phe):
                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # the server imports torch + mlflow: slow on a busy 2-core machine
         while time.time() < deadline:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
