@@ -178,3 +178,28 @@ def test_tuning_trial_leaves_test_untouched_and_registers_nothing(synthetic_phe)
     assert not any(k.startswith("test_") for k in result) and "model_version" not in result
     run = mlflow.get_run(result["run_id"])
     assert not any(k.startswith("test_") for k in run.data.metrics)
+
+
+@pytest.mark.slow
+def test_mlflow_run_cli_classification(tmp_path):
+    """The README's way: `mlflow run . -e classification` with -P params, into a fresh store."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'cli.db'}"
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    params = {"image_size": 64, "epochs": 1, "n_boot": 20, "in_channels": 1, "register": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(repo), "-e", "classification", "--env-manager", "local"]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["in_channels"] == "1" and "test_f1" in runs[0].data.metrics
+    assert "[classification] phe (synthetic)" in proc.stdout

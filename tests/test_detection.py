@@ -157,7 +157,7 @@ def test_bad_parameters_are_named():
     with pytest.raises(DataError, match="parameter conf_threshold"):
         check_config(DetectionConfig(conf_threshold=1.5))
     with pytest.raises(DataError, match="parameter model"):
-        check_config(DetectionConfig(engine="fasterrcnn", model="n"))
+        check_config(DetectionConfig(engine="fasterrcnn", model="s"))
 
 
 def test_missing_pt_weights_say_what_to_do():
@@ -166,9 +166,14 @@ def test_missing_pt_weights_say_what_to_do():
     assert resolve_model("n") == "yolov8n.yaml" and resolve_model("s") == "yolov8s.yaml"
     with pytest.raises(DataError, match=r"yolov8n\.pt: weights file not found.*model=yolov8n\.yaml"):
         resolve_model("yolov8n.pt")
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    n_runs = len(client.search_runs([e.experiment_id for e in client.search_experiments()]))
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "detection.py"), "--model", "yolov8n.pt"],
                           env=dict(os.environ), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "error: yolov8n.pt: weights file not found" in proc.stderr
+    assert len(client.search_runs([e.experiment_id for e in client.search_experiments()])) == n_runs  # no run
 
 
 def test_ultralytics_is_set_up_offline():

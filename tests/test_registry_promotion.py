@@ -54,11 +54,12 @@ def test_rules_load_for_every_task():
 @pytest.fixture()
 def fresh_registry(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'reg.db'}"
+    session_uri = os.environ["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("promotion-tests")
     yield uri
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI"))
+    mlflow.set_tracking_uri(session_uri)  # later tests (and their subprocesses) use the session store again
 
 
 def test_alias_moves_audit_and_no_duplicate_versions(fresh_registry):

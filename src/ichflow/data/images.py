@@ -32,6 +32,8 @@ def read_gray(path: str | Path) -> np.ndarray:
         raise DataError(path, "not an image file (cannot identify format)") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DataError(path, f"unreadable or truncated image ({exc})") from exc
+    except ImportError as exc:  # Ultralytics patches Image.open to retry unknown formats with an optional plugin
+        raise DataError(path, "not an image file (cannot identify format)") from exc
     return arr
 
 

@@ -15,7 +15,8 @@ class DetectionConfig(TrainConfig):
 
     engine: str = "yolo"           # yolo | fasterrcnn
     model: str = "n"               # yolo: n | s | m (yolov8<x>.yaml from scratch), a model .yaml, or a local .pt;
-    #                                fasterrcnn: mobilenet (fasterrcnn_mobilenet_v3_large_fpn) | resnet50
+    #                                fasterrcnn: mobilenet (fasterrcnn_mobilenet_v3_large_fpn; also what the
+    #                                default 'n' means there) | resnet50
     imgsz: int = 192               # training/inference size (square, multiple of 32); PHE slices are 512
     epochs: int = 20
     patience: int = 15

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -48,6 +49,10 @@ def check_config(cfg: DetectionConfig) -> None:
         raise DataError("parameter time_budget_min", f"must be >= 0 (0 = no limit), got {cfg.time_budget_min}")
     if not 0.0 <= cfg.aug_strength <= 1.0:
         raise DataError("parameter aug_strength", f"must be in [0, 1], got {cfg.aug_strength}")
+    if cfg.engine == "yolo":
+        from ichflow.tasks.detection.yolo import resolve_model
+
+        resolve_model(cfg.model)  # a missing .pt fails here, before any run is opened
     if cfg.engine == "fasterrcnn":
         from ichflow.tasks.detection.fasterrcnn import ARCHS
 
@@ -84,7 +89,12 @@ def _per_patient(slices: pd.DataFrame, threshold: float) -> pd.DataFrame:
 
 def train_detection(cfg: DetectionConfig, on_epoch_end=None) -> dict:
     """Train and evaluate one detector in one MLflow run; returns the metrics (see the task contract)."""
-    cfg = apply_preset(cfg, PRESETS)
+    try:
+        cfg = apply_preset(cfg, PRESETS)
+    except ValueError as exc:
+        raise DataError("parameter preset", str(exc)) from exc
+    if cfg.engine == "fasterrcnn" and cfg.model == "n":  # the default model param means the light backbone
+        cfg = dataclasses.replace(cfg, model="mobilenet")
     check_config(cfg)
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)

@@ -214,6 +214,13 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
             "stopped_by_time_budget": pending["budget"]}
 
 
+def _three_channels(im: np.ndarray) -> np.ndarray:
+    """Grayscale (H, W) or (H, W, 1) -> (H, W, 3), as OpenCV reads the exported 1-channel PNGs."""
+    if im.ndim == 2:
+        im = im[..., None]
+    return np.ascontiguousarray(np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im)
+
+
 class YoloPredictor:
     """Boxes for a batch of (H, W, C) uint8 images, in the images' own pixel coordinates."""
 
@@ -228,7 +235,8 @@ class YoloPredictor:
     def __call__(self, images, conf: float = 0.001, batch: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []
         for start in range(0, len(images), batch):
-            chunk = list(images[start:start + batch])
+            chunk = [im if isinstance(im, (str, Path)) else _three_channels(np.asarray(im))
+                     for im in images[start:start + batch]]
             results = self.model.predict(chunk, imgsz=self.imgsz, conf=conf, iou=0.7, max_det=self.max_det,
                                          device=self.device, verbose=False, batch=len(chunk))
             for r in results:
