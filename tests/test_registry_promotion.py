@@ -57,7 +57,6 @@ def fresh_registry(tmp_path, monkeypatch):
     session_uri = os.environ["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("promotion-tests")
     yield uri
     mlflow.set_tracking_uri(session_uri)  # later tests (and their subprocesses) use the session store again
 
