@@ -57,8 +57,10 @@ def fresh_registry(tmp_path, monkeypatch):
     session_uri = os.environ["MLFLOW_TRACKING_URI"]
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("Default")  # the fluent API caches an experiment id of the previous store
     yield uri
     mlflow.set_tracking_uri(session_uri)  # later tests (and their subprocesses) use the session store again
+    mlflow.set_experiment("Default")
 
 
 def test_alias_moves_audit_and_no_duplicate_versions(fresh_registry):
