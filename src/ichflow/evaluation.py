@@ -158,8 +158,9 @@ def _data_config(task: str, cfg: EvaluateConfig) -> DataConfig:
         from ichflow.tasks.multilabel.train import MultilabelConfig
 
         values["dataset"] = "synthetic-ctich"
-        if cfg.synthetic_patients == _DATA_FIELDS["synthetic_patients"].default:
-            values["synthetic_patients"] = MultilabelConfig.synthetic_patients
+        for key in ("synthetic_patients", "synthetic_slices"):   # the phantom the subtype task trains on
+            if getattr(cfg, key) == _DATA_FIELDS[key].default:
+                values[key] = getattr(MultilabelConfig, key)
     return DataConfig(**values)
 
 

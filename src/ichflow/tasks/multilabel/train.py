@@ -59,15 +59,17 @@ class MultilabelConfig(TrainConfig):
     """Multi-label subtype classifier (timm CNN, k sigmoid outputs), evaluated by patient-level k-fold CV."""
 
     dataset: str = "synthetic-ctich"  # also ctich, or csv (data_dir = a labels CSV image,<class>,...)
-    synthetic_patients: int = 15      # phantom size when no data_dir: every class in >= 6 patients
+    synthetic_patients: int = 20      # phantom when no data_dir: 20 patients x 8 slices, each class in 8 patients
+    synthetic_slices: int = 8
     classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
-    model: str = "resnet18"
+    model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
     pretrained: str = ""              # '' = from scratch; or the path of a local weights file
-    image_size: int = 128
+    image_size: int = 144
     batch_size: int = 8
-    epochs: int = 12
-    patience: int = 5
+    epochs: int = 18
+    patience: int = 8
     lr: float = 3e-3
+    aug_strength: float = 0.3
     pos_weight: str = "prevalence"    # prevalence (negatives / positives in training) | none
     pos_weight_multipliers: str = ""  # per-class factors on pos_weight, e.g. "1,2,0.5" ('' = all 1)
     sampler: str = "none"             # none | balanced (half of each batch has a bleed of a selected class)
