@@ -18,7 +18,7 @@ from ichflow.tracking import log_params_once, task_run
 
 PROJECT = Path(__file__).resolve().parents[2]
 
-# Short schedules for the embedded default: the whole pipeline in ~15 min on 2 CPU cores.
+# Short schedules for the embedded default (quick=true): the whole pipeline in <= 15 min on 2 CPU cores.
 QUICK = {
     "segmentation": {"epochs": 4},
     "classification": {"epochs": 4},
@@ -26,6 +26,16 @@ QUICK = {
     "multilabel": {"epochs": 3, "n_folds": 3},
     "tune": {"task": "classification", "n_trials": 3, "overrides": "epochs=2,image_size=96"},
 }
+# quick=tiny: every step with the smallest schedule that still logs everything (a few minutes on 2 cores):
+# what CI runs to get a store to look at in a browser. The models are not meant to be good.
+TINY = {
+    "segmentation": {"epochs": 1, "steps_per_epoch": 2, "batch_size": 4, "patch_size": 64},
+    "classification": {"epochs": 1, "image_size": 64, "n_boot": 50, "gradcam_per_group": 1},
+    "detection": {"epochs": 1, "imgsz": 64},
+    "multilabel": {"epochs": 1, "n_folds": 3, "image_size": 64},
+    "tune": {"task": "classification", "n_trials": 2, "overrides": "epochs=1,image_size=64,n_boot=50"},
+}
+PROFILES = {"true": QUICK, "tiny": TINY, "false": {}}
 TASKS_BY_READER = {"phe": ("segmentation", "classification", "detection"),
                    "ctich": ("classification", "multilabel")}
 
@@ -36,7 +46,16 @@ class PipelineConfig:
 
     data_dir: str = ""
     dataset: str = "auto"
-    quick: bool = True          # short schedules (the embedded default); false = each entry point's defaults
+    quick: str = "true"         # true: short schedules (the embedded default); tiny: smoke-test schedules;
+    #                             false: each entry point's own defaults
+
+
+def profile(quick) -> dict:
+    key = str(quick).strip().lower()
+    key = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(key, key)
+    if key not in PROFILES:
+        raise ValueError(f"quick must be true, false or tiny, got {quick!r}")
+    return PROFILES[key]
 
 
 def _step(entry: str, params: dict, experiment: str) -> str:
@@ -51,6 +70,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ichflow.prepare import DataConfig, resolve_source
 
     runs: dict[str, str] = {}
+    schedules = profile(cfg.quick)
     t0 = time.perf_counter()
     with task_run("pipeline", run_name="pipeline") as parent:
         log_params_once({"data_dir": cfg.data_dir, "dataset": cfg.dataset, "quick": cfg.quick})
@@ -63,9 +83,9 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
             params = dict(data)
             if task == "multilabel" and not cfg.data_dir:
                 params["dataset"] = "synthetic-ctich"
-            params.update(QUICK[task] if cfg.quick else {})
+            params.update(schedules.get(task, {}))
             runs[task] = _step(task, params, f"ichflow-{task}")
-        tune = {**data, **(QUICK["tune"] if cfg.quick else {"task": tasks[0]})}
+        tune = {**data, **schedules.get("tune", {"task": tasks[0]})}
         runs["tune"] = _step("tune", tune, "ichflow-tune")
         for task in tasks:
             runs[f"promote-{task}"] = _step("promote", {"task": task, "run_id": runs[task]}, "ichflow-registry")
