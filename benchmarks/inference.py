@@ -1,0 +1,181 @@
+"""Section 4: per-slice latency (p50/p95) and 32-slice scan throughput of each task's pyfunc model.
+
+Models: the ones the pipeline section trained in the same invocation (``--models`` from the runner), a URI
+given with ``--model task=URI`` (e.g. ``models:/ich-segmentation@champion``), or else a tiny model trained
+here on the synthetic phantom (latency depends on the architecture and input size, not on how long it
+trained). Input: real 512×512 slices of a 32-slice synthetic scan (uint8, the served contract).
+
+In-process: ``mlflow.pyfunc.load_model(uri).predict(array)``. Served: a real ``mlflow models serve``
+process per model (``--env-manager local``, 127.0.0.1, the venv's ``bin`` first on PATH), all started
+together, measured one after the other; payload ``{"inputs": [...]}`` serialised once, the timed part is
+the HTTP request, the server's work and parsing the JSON answer.
+
+Detection is measured last in-process: importing Ultralytics sets torch to ``cpu_count - 1`` threads for the
+whole process (its own policy, which its served model has too); the thread count is recorded per task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from benchmarks.core import TASKS, percentile
+
+ORDER = ("segmentation", "classification", "multilabel", "detection")
+
+
+def tiny_config(task: str):
+    if task == "segmentation":
+        from ichflow.tasks.segmentation import SegmentationConfig
+        return SegmentationConfig(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, eval_batch_size=4)
+    if task == "classification":
+        from ichflow.tasks.classification.train import ClassificationConfig
+        return ClassificationConfig(epochs=1, steps_per_epoch=2, n_boot=0, gradcam_per_group=0)
+    if task == "multilabel":
+        from ichflow.tasks.multilabel.train import MultilabelConfig
+        return MultilabelConfig(n_folds=3, epochs=1, steps_per_epoch=2)
+    if task == "detection":
+        from ichflow.tasks.detection.config import DetectionConfig
+        return DetectionConfig(epochs=1, overlays=0)
+    raise ValueError(task)
+
+
+def train_tiny(task: str) -> str:
+    from benchmarks.pipeline import train_fn
+
+    return train_fn(task)(tiny_config(task))["model_uri"]
+
+
+def scan_32() -> "np.ndarray":  # noqa: F821
+    from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
+    from ichflow.serving import discover_scans, load_scan
+
+    folder = ensure_synthetic("phe", PhantomSpec(n_patients=2, n_slices=32))
+    scans = discover_scans(folder)
+    return load_scan(next(iter(scans.values())))
+
+
+def _timed(fn, n: int, warm: int = 2) -> list[float]:
+    for _ in range(warm):
+        fn()
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _summary(single: list[float], scans: list[float], n_slices: int) -> dict:
+    scan_med = percentile(scans, 50)
+    return {"p50_ms": 1000 * percentile(single, 50), "p95_ms": 1000 * percentile(single, 95),
+            "single_ms_runs": [round(1000 * s, 2) for s in single], "scan_seconds": scan_med,
+            "scan_seconds_runs": [round(s, 3) for s in scans], "scan_slices_per_s": n_slices / scan_med}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes, timeout: float = 600) -> object:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def run(quick: bool, models: dict) -> dict:
+    import mlflow
+    import numpy as np
+    import torch
+
+    n_single, n_scan = (8, 1) if quick else (30, 3)
+    scan = scan_32()
+    single = np.ascontiguousarray(scan[len(scan) // 2: len(scan) // 2 + 1])
+    out: dict = {"tasks": {}, "calls": n_single, "scan_calls": n_scan, "scan_shape": list(scan.shape)}
+    uris = {}
+    for task in ORDER:
+        entry = out["tasks"].setdefault(task, {})
+        try:
+            if models.get(task):
+                uris[task] = models[task]
+                entry["model_source"] = "given"
+            else:
+                t0 = time.perf_counter()
+                uris[task] = train_tiny(task)
+                entry["model_source"] = f"tiny model trained here ({time.perf_counter() - t0:.0f} s)"
+            entry["model_uri"] = uris[task]
+            t0 = time.perf_counter()
+            model = mlflow.pyfunc.load_model(uris[task])
+            entry["load_seconds"] = time.perf_counter() - t0
+            lat = _timed(lambda: model.predict(single), n_single)
+            scans = _timed(lambda: model.predict(scan), n_scan, warm=1)
+            entry["in_process"] = {**_summary(lat, scans, len(scan)), "torch_threads": torch.get_num_threads()}
+        except Exception as exc:  # noqa: BLE001 - one task failing must not lose the others
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            uris.pop(task, None)
+
+    # ---- served: start every server at once (start-up is mostly imports), then measure one at a time
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    servers = {}
+    for task, uri in uris.items():
+        port = _free_port()
+        log = open(f"serve-{task}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
+                                 "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        servers[task] = (proc, port, time.perf_counter(), log)
+    try:
+        for task in ORDER:
+            if task not in servers:
+                continue
+            proc, port, t_start, log = servers[task]
+            entry = out["tasks"][task]
+            served: dict = {}
+            entry["served"] = served
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.perf_counter() + 420
+            while time.perf_counter() < deadline:
+                try:
+                    with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                        served["startup_seconds"] = time.perf_counter() - t_start
+                        break
+                except OSError:
+                    if proc.poll() is not None:
+                        break
+                    time.sleep(0.5)
+            if "startup_seconds" not in served:
+                served["error"] = "server did not answer /ping: " + Path(log.name).read_text()[-400:]
+                continue
+            body1 = json.dumps({"inputs": single.tolist()}).encode()
+            body32 = json.dumps({"inputs": scan.tolist()}).encode()
+            try:
+                lat = _timed(lambda: _post(f"{base}/invocations", body1), n_single)
+                scans = _timed(lambda: _post(f"{base}/invocations", body32), n_scan, warm=1)
+                served.update(_summary(lat, scans, len(scan)))
+                served["payload_bytes_single"] = len(body1)
+                served["payload_bytes_scan"] = len(body32)
+            except Exception as exc:  # noqa: BLE001
+                served["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        for proc, _, _, log in servers.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc, _, _, log in servers.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+    out["tasks"] = {t: out["tasks"][t] for t in TASKS if t in out["tasks"]}
+    return out
