@@ -10,11 +10,50 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
 import pandas as pd
+
+from ichflow.errors import DataError
+
+
+class StoreError(DataError):
+    """A store (tracking server, artifact store, Optuna/MLflow database) failed: one line naming it.
+
+    ``path`` is "<kind> <uri>" with any password masked; the CLI prints ``error: <path>: <problem>``, exit 2.
+    """
+
+    def __init__(self, kind: str, uri: str, problem: str):
+        self.kind, self.uri = kind, mask_uri(uri)
+        super().__init__(f"{kind} {self.uri}", " ".join(mask_text(problem).split()))
+
+
+def mask_uri(uri: str) -> str:
+    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db`` (also ``password=`` query values)."""
+    if not uri or "://" not in uri:
+        return uri
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return mask_text(uri)
+    netloc = parts.netloc
+    if "@" in netloc:
+        cred, _, host = netloc.rpartition("@")
+        if ":" in cred:
+            netloc = f"{cred.split(':', 1)[0]}:***@{host}"
+    query = re.sub(r"(?i)(password|secret|token)=[^&]*", r"\1=***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing secret: keep it byte for byte (urlunsplit would turn sqlite:/// into sqlite:/)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def mask_text(text: str) -> str:
+    """Mask credentials of any URL inside a message (e.g. a driver error quoting the URL)."""
+    return re.sub(r"([a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@", r"\1***@", str(text))
 
 
 _reuse_active = False
@@ -44,15 +83,97 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
     active = mlflow.active_run()
     if active is not None and _reuse_active:
         mlflow.set_tags({"ichflow.task": task, **(tags or {})})
-        yield active
+        try:
+            yield active
+        except Exception as exc:  # the owner of the run (a tuning trial) ends it; name the store that failed
+            kind = _store_kind(exc, mlflow.get_tracking_uri())
+            if kind is None or isinstance(exc, StoreError):
+                raise
+            where = active.info.artifact_uri if kind == "artifact store" else mlflow.get_tracking_uri()
+            raise StoreError(kind, where, f"{_first_line(exc)}; {_kept_files(active.info.run_id)}") from exc
         return
     nested = nested or active is not None  # a step of a pipeline becomes a child run
     launched = bool(os.environ.get("MLFLOW_RUN_ID")) and mlflow.active_run() is None and not nested
-    if not launched and not nested and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
-                                            or os.environ.get("MLFLOW_EXPERIMENT_ID")):
-        mlflow.set_experiment(f"ichflow-{task}")
-    with mlflow.start_run(run_name=run_name, nested=nested, tags={"ichflow.task": task, **(tags or {})}) as run:
+    uri = mlflow.get_tracking_uri()
+    try:
+        if not launched and not nested and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
+                                                or os.environ.get("MLFLOW_EXPERIMENT_ID")):
+            mlflow.set_experiment(f"ichflow-{task}")
+        run = mlflow.start_run(run_name=run_name, nested=nested, tags={"ichflow.task": task, **(tags or {})})
+    except Exception as exc:
+        kind = _store_kind(exc, uri)
+        if kind is None:
+            raise
+        raise StoreError(kind, uri, f"cannot start the run: {_first_line(exc)}") from exc
+    try:
         yield run
+    except Exception as exc:
+        kind = _store_kind(exc, uri)
+        if kind is None or isinstance(exc, StoreError):
+            _end_run("FAILED")
+            raise
+        marked = _end_run("FAILED", quick=kind == "tracking server")
+        where = run.info.artifact_uri if kind == "artifact store" else uri
+        raise StoreError(kind, where, f"{_first_line(exc)}; run {run.info.run_id} "
+                         f"{'marked FAILED' if marked else 'could not be marked FAILED (store unreachable)'}; "
+                         f"{_kept_files(run.info.run_id)}") from exc
+    except BaseException:  # KeyboardInterrupt, SystemExit: like mlflow.start_run's context manager
+        _end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:400]
+
+
+def _store_kind(exc: BaseException, tracking_uri: str) -> str | None:
+    """Which store an exception comes from, or None when it is not a store failure."""
+    chain, seen = [], exc
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = " ".join(str(e) for e in chain)
+    names = " ".join(f"{type(e).__module__}.{type(e).__name__}" for e in chain)
+    if "mlflow-artifacts" in text or "botocore" in names or "boto3" in names or "S3UploadFailed" in names:
+        return "artifact store"
+    if "API request to" in text or "requests.exceptions" in names or "urllib3" in names:
+        return "tracking server"
+    if "sqlalchemy" in names or "psycopg" in names:
+        return "tracking store"
+    return None
+
+
+def _end_run(status: str, quick: bool = False) -> bool:
+    """End the active run with ``status``; ``quick``: one try only (the server is known to be down)."""
+    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    if quick:
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        mlflow.end_run(status=status)
+        return True
+    except Exception:
+        with contextlib.suppress(Exception):  # forget the run locally so the next one can start
+            mlflow.tracking.fluent._active_run_stack.get().clear()
+        return False
+    finally:
+        if quick:
+            if old is None:
+                os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+            else:
+                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
+
+
+def _kept_files(run_id: str) -> str:
+    from ichflow.paths import work_dir
+
+    folder = work_dir() / "runs" / run_id
+    files = sorted(p.name for p in folder.glob("*") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        return "no local files were written"
+    return f"model/checkpoint kept locally: {folder}/ ({', '.join(files[:6])})"
 
 
 def frame_digest(df: pd.DataFrame) -> str:

@@ -8,8 +8,16 @@ FAILED). After the search the best parameters are refit once with the test split
 registered: that run is the candidate the registry's ``promote`` takes (tag ``ichflow.best_run_id``).
 
 Storage: a journal file under ``work/optuna/`` by default (safe for several processes on one machine),
-or any Optuna RDB URL (sqlite:///…, postgresql+psycopg2://…). The study is created once, before the
-workers start; running again with the same ``study_name`` resumes it.
+or any Optuna RDB URL (sqlite:///…, postgresql+psycopg2://…; ``ICHFLOW_OPTUNA_STORAGE`` when ``storage`` is
+empty). The study is created once, before the workers start; running again with the same ``study_name``
+resumes it. Passwords never go into the URL we log: pass them as ``PGPASSWORD`` (or ~/.pgpass); a password
+written in the URL anyway is masked in every param, tag and message.
+
+Lost workers (RDB storages): every running trial sends an Optuna heartbeat every ``heartbeat_s`` seconds.
+A trial whose worker died (SIGKILL, OOM, lost machine) stops beating; the next trial start anywhere in the
+study, or this run's recovery step, finds it stale after the grace period, fails it, marks its MLflow child
+run FAILED (tag ``ichflow.failure``) and enqueues one retry with the same parameters. The run that
+launched the workers then tops the study up to ``n_trials`` finished trials itself.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,7 +39,7 @@ import mlflow
 import optuna
 
 from ichflow.paths import work_dir
-from ichflow.tracking import log_params_once, reuse_active_run, task_run
+from ichflow.tracking import StoreError, log_params_once, mask_uri, reuse_active_run, task_run
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,7 @@ class TuneConfig:
     dataset: str = "auto"
     overrides: str = ""            # extra fixed task params for every trial: "epochs=3,batch_size=4"
     refit_best: bool = True        # retrain the best params once with the test split + registration
+    heartbeat_s: int = 60          # RDB storages: Optuna heartbeat of running trials (stale after 2x); 0 = off
 
 
 def load_space(task: str, path: str = ""):
@@ -109,20 +119,77 @@ def parse_overrides(text: str, config_cls) -> dict:
 
 
 def storage_url(cfg: TuneConfig, study_name: str) -> str:
-    if cfg.storage:
-        return cfg.storage
+    if cfg.storage or os.environ.get("ICHFLOW_OPTUNA_STORAGE"):
+        return cfg.storage or os.environ["ICHFLOW_OPTUNA_STORAGE"]
     path = work_dir() / "optuna" / f"{study_name}.journal"
     path.parent.mkdir(parents=True, exist_ok=True)
     return f"journal:{path}"
 
 
-def open_storage(url: str):
+def open_storage(url: str, heartbeat_s: int = 0):
+    """The Optuna storage at ``url``; RDB storages get a heartbeat when ``heartbeat_s`` > 0.
+
+    An unreachable database raises :class:`StoreError` naming the URL with its password masked.
+    """
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    kwargs = {}
+    if heartbeat_s and heartbeat_s > 0:
+        kwargs = {"heartbeat_interval": int(heartbeat_s), "grace_period": 2 * int(heartbeat_s),
+                  "heartbeat_stale_trial_callback": on_stale_trial}
+    engine_kwargs = {"pool_pre_ping": True}
+    if url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}
+    try:
+        with warnings.catch_warnings():  # heartbeat_interval is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+    except Exception as exc:  # sqlalchemy OperationalError & co: one line, the URL without its password
+        raise StoreError("Optuna storage", url, _first_line(exc)) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0]
+
+
+_RETRY = None
+
+
+def on_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Heartbeat-stale trial (its worker died): close its MLflow child run as FAILED and retry it once."""
+    global _RETRY
+    run_id = trial.user_attrs.get("mlflow_run_id") or _find_trial_run(study.study_name, trial.number)
+    reason = "worker lost: no Optuna heartbeat within the grace period"
+    if run_id:
+        try:
+            client = mlflow.MlflowClient()
+            run = client.get_run(run_id)
+            if run.info.status == "RUNNING":
+                client.set_tag(run_id, "optuna.state", "FAIL")
+                client.set_tag(run_id, "ichflow.failure", reason)
+                client.set_terminated(run_id, "FAILED")
+        except Exception as exc:  # never let bookkeeping stop the study
+            log.warning("could not mark the MLflow run %s of stale trial %d FAILED: %s", run_id, trial.number, exc)
+    log.warning("trial %d of study %s is stale (%s): failed%s, MLflow run %s marked FAILED", trial.number,
+                study.study_name, reason, "" if trial.system_attrs.get("retry_history") else " and retried once",
+                run_id or "(none)")
+    if _RETRY is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            _RETRY = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)
+    _RETRY(study, trial)
+
+
+def _find_trial_run(study_name: str, number: int) -> str:
+    client = mlflow.MlflowClient()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exps, f"tags.`optuna.study` = '{study_name}' and tags.`optuna.trial` = '{number}' "
+                                    "and attributes.status = 'RUNNING'", max_results=1) if exps else []
+    return runs[0].info.run_id if runs else ""
 
 
 def make_pruner(name: str, max_epochs: int):
@@ -148,7 +215,11 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
         params = space.suggest(trial)
         task_cfg = dataclasses.replace(config_cls(), **{**base, **params, "evaluate_test": False,
                                                         "register": False})
-        tags = {"optuna.study": study_name, "optuna.trial": str(trial.number)}
+        tags = {"optuna.study": study_name, "optuna.trial": str(trial.number),
+                "ichflow.worker": f"{socket.gethostname()}:{os.getpid()}"}
+        retried = trial.system_attrs.get("failed_trial")
+        if retried is not None:
+            tags["optuna.retry_of"] = str(retried)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number:03d}",
                                parent_run_id=parent_run_id, nested=mlflow.active_run() is not None, tags=tags)
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -190,7 +261,7 @@ def _worker(cfg: TuneConfig, study_name: str, url: str, parent_run_id: str, expe
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = load_space(cfg.task, cfg.space)
     pruner = space.PRUNER() if space.PRUNER else make_pruner(cfg.pruner, _max_epochs(cfg))
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url),
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url, cfg.heartbeat_s),
                               sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker), pruner=pruner)
     study.optimize(_objective_factory(cfg, study_name, parent_run_id, experiment_id), n_trials=n_trials,
                    timeout=cfg.timeout_min * 60 or None, catch=(Exception,), gc_after_trial=True)
@@ -213,13 +284,16 @@ def run_tune(cfg: TuneConfig) -> dict:
     url = storage_url(cfg, study_name)
     space = load_space(cfg.task, cfg.space)
     max_epochs = _max_epochs(cfg)
+    storage = open_storage(url, cfg.heartbeat_s)  # fails fast, before any run is opened, if unreachable
     with task_run("tune", run_name=f"tune-{cfg.task}") as parent:
-        log_params_once({**dataclasses.asdict(cfg), "study_name_resolved": study_name, "storage_resolved": url,
+        log_params_once({**dataclasses.asdict(cfg), "storage": mask_uri(cfg.storage),
+                         "study_name_resolved": study_name, "storage_resolved": mask_uri(url),
                          "search_space_file": space.SOURCE, "monitor": space.MONITOR})
         mlflow.log_artifact(space.SOURCE, artifact_path="search_space")
         # created once here, before any worker: concurrent schema creation crashes sqlite and PostgreSQL
-        study = optuna.create_study(study_name=study_name, storage=open_storage(url), direction="maximize",
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                     load_if_exists=True)
+        _fail_stale(study)  # trials of workers that died in an earlier session
         before = len(study.trials)
         t0 = time.perf_counter()
         parent_id, exp_id = parent.info.run_id, parent.info.experiment_id
@@ -233,9 +307,10 @@ def run_tune(cfg: TuneConfig) -> dict:
                 p.start()
             for p in procs:
                 p.join()
-            failed = [p.name for p in procs if p.exitcode != 0]
+            failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
             if failed:
                 log.warning("workers exited abnormally: %s (their finished trials are kept)", failed)
+                _recover(cfg, study_name, url, parent_id, exp_id, before)
         wall = time.perf_counter() - t0
         study = optuna.load_study(study_name=study_name, storage=open_storage(url))
         summary = summarise_study(study, before, max_epochs, wall)
@@ -256,6 +331,39 @@ def run_tune(cfg: TuneConfig) -> dict:
                 if result["refit"].get("model_uri"):
                     mlflow.set_tag("ichflow.best_model_uri", result["refit"]["model_uri"])
     return result
+
+
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _recover(cfg: TuneConfig, study_name: str, url: str, parent_id: str, exp_id: str, before: int) -> None:
+    """After a worker died: fail its stale trial (marking the MLflow run FAILED, enqueueing a retry), then run
+    the retries and the dead worker's unstarted share here, so the study still gets ``n_trials`` finished trials.
+    """
+    storage = open_storage(url, cfg.heartbeat_s)
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    running = [t for t in study.trials[before:] if t.state == optuna.trial.TrialState.RUNNING]
+    if running and cfg.heartbeat_s > 0 and not url.startswith("journal:"):
+        deadline = time.monotonic() + 2 * cfg.heartbeat_s + cfg.heartbeat_s + 5
+        while time.monotonic() < deadline:  # wait out the grace period of the dead worker's last heartbeat
+            _fail_stale(study)
+            if not any(t.state == optuna.trial.TrialState.RUNNING for t in study.trials[before:]):
+                break
+            time.sleep(1)
+    elif running:
+        log.warning("trials %s stay RUNNING: heartbeats need an RDB storage and heartbeat_s > 0",
+                    [t.number for t in running])
+    trials = study.trials
+    stale = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    done = [t for t in trials[before:] if t.state.is_finished() and t.number not in stale]
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    missing = max(cfg.n_trials - len(done), len(waiting))
+    if missing > 0:
+        log.warning("recovering: running %d trial(s) here (%d retried after a lost worker)", missing, len(waiting))
+        _worker(cfg, study_name, url, parent_id, exp_id, missing, cfg.n_workers)
 
 
 def refit_best(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, experiment_id: str) -> dict:
