@@ -153,6 +153,34 @@ def epoch_metrics(trainer) -> dict:
     return out
 
 
+def _results_csv_trainer():
+    """Ultralytics' DetectionTrainer, reading its own results.csv back with the csv module.
+
+    Ultralytics imports polars (a 50 MB wheel) only to put results.csv into each checkpoint; without it a GPU
+    box that gets packages as carried wheels could not save a checkpoint.
+    """
+    import csv
+
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    def number(text: str):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+
+    class ResultsCsvTrainer(DetectionTrainer):
+        def read_results_csv(self):
+            try:
+                with open(self.csv, newline="") as fh:
+                    rows = list(csv.DictReader(fh))
+            except OSError:
+                return {}
+            return {k.strip(): [number(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+
+    return ResultsCsvTrainer
+
+
 def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
                on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
     """Train from ``cfg`` on ``data_yaml``; per-epoch metrics go into the active MLflow run (step=epoch).
@@ -201,7 +229,7 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         max_det=cfg.max_det, pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic),
     )
     t0 = time.perf_counter()
-    model.train(**args)
+    model.train(trainer=_results_csv_trainer(), **args)
     seconds = time.perf_counter() - t0
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
