@@ -259,16 +259,20 @@ stop_group() {
     rm -f "$STATE/pids/$name.pid"
 }
 
-client_env() {
+client_env() {  # secrets are read from secrets.env by the shell that evals this, never printed
+    local sec="$STATE/secrets.env"
     cat <<EOF
-# ichflow stack clients (secrets come from $STATE/secrets.env, mode 600)
+# ichflow stack clients: artifacts are proxied by the server, so no S3 credentials are needed
 export MLFLOW_TRACKING_URI=$MLFLOW_URL
 export ICHFLOW_OPTUNA_STORAGE=$PG_URI_OPTUNA
-export ICHFLOW_STACK_S3=$S3_URL
-export ICHFLOW_STACK_BUCKET=$BUCKET
-set -a; . $STATE/secrets.env; set +a
+export PGPASSWORD="\$(sed -n 's/^PGPASSWORD=//p' $sec)"
+# direct-to-S3 clients only (experiments with an s3:// artifact location):
+# export MLFLOW_S3_ENDPOINT_URL=$S3_URL AWS_DEFAULT_REGION=us-east-1
+# export AWS_ACCESS_KEY_ID="\$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' $sec)" AWS_SECRET_ACCESS_KEY="\$(sed -n 's/^AWS_SECRET_ACCESS_KEY=//p' $sec)"
 EOF
-    [ "${ICHFLOW_STACK_AUTH:-0}" = 1 ] && echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\$MLFLOW_ADMIN_PASSWORD"
+    if [ "${ICHFLOW_STACK_AUTH:-0}" = 1 ]; then
+        echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\"\$(sed -n 's/^MLFLOW_ADMIN_PASSWORD=//p' $sec)\""
+    fi
     return 0
 }
 

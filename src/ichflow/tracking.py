@@ -29,7 +29,7 @@ class StoreError(DataError):
 
     def __init__(self, kind: str, uri: str, problem: str):
         self.kind, self.uri = kind, mask_uri(uri)
-        super().__init__(f"{kind} {self.uri}", " ".join(mask_text(problem).split()))
+        super().__init__(f"{kind} {self.uri}".strip(), " ".join(mask_text(problem).split()))
 
 
 def mask_uri(uri: str) -> str:
@@ -89,7 +89,7 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
             kind = _store_kind(exc, mlflow.get_tracking_uri())
             if kind is None or isinstance(exc, StoreError):
                 raise
-            where = active.info.artifact_uri if kind == "artifact store" else mlflow.get_tracking_uri()
+            where = {"artifact store": active.info.artifact_uri, "database": ""}.get(kind, mlflow.get_tracking_uri())
             raise StoreError(kind, where, f"{_first_line(exc)}; {_kept_files(active.info.run_id)}") from exc
         return
     nested = nested or active is not None  # a step of a pipeline becomes a child run
@@ -113,7 +113,7 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
             _end_run("FAILED")
             raise
         marked = _end_run("FAILED", quick=kind == "tracking server")
-        where = run.info.artifact_uri if kind == "artifact store" else uri
+        where = {"artifact store": run.info.artifact_uri, "database": ""}.get(kind, uri)
         raise StoreError(kind, where, f"{_first_line(exc)}; run {run.info.run_id} "
                          f"{'marked FAILED' if marked else 'could not be marked FAILED (store unreachable)'}; "
                          f"{_kept_files(run.info.run_id)}") from exc
@@ -141,8 +141,8 @@ def _store_kind(exc: BaseException, tracking_uri: str) -> str | None:
         return "artifact store"
     if "API request to" in text or "requests.exceptions" in names or "urllib3" in names:
         return "tracking server"
-    if "sqlalchemy" in names or "psycopg" in names:
-        return "tracking store"
+    if "sqlalchemy" in names or "psycopg" in names:  # a database: MLflow's own (no server) or Optuna's
+        return "database" if tracking_uri.startswith(("http:", "https:", "databricks")) else "tracking store"
     return None
 
 

@@ -217,7 +217,7 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
                                                         "register": False})
         tags = {"optuna.study": study_name, "optuna.trial": str(trial.number),
                 "ichflow.worker": f"{socket.gethostname()}:{os.getpid()}"}
-        retried = trial.system_attrs.get("failed_trial")
+        retried = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retried is not None:
             tags["optuna.retry_of"] = str(retried)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number:03d}",
