@@ -316,7 +316,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         summary = summarise_study(study, before, max_epochs, wall)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         log_study_artifacts(study)
-        result = {"study_name": study_name, "storage": url, **summary}
+        result = {"study_name": study_name, "storage": mask_uri(url), **summary}
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if completed:
             best = study.best_trial
