@@ -89,8 +89,8 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
             kind = _store_kind(exc, mlflow.get_tracking_uri())
             if kind is None or isinstance(exc, StoreError):
                 raise
-            where = {"artifact store": active.info.artifact_uri, "database": ""}.get(kind, mlflow.get_tracking_uri())
-            raise StoreError(kind, where, f"{_first_line(exc)}; {_kept_files(active.info.run_id)}") from exc
+            where, note = _where(kind, active.info.artifact_uri, mlflow.get_tracking_uri())
+            raise StoreError(kind, where, f"{note}{_first_line(exc)}; {_kept_files(active.info.run_id)}") from exc
         return
     nested = nested or active is not None  # a step of a pipeline becomes a child run
     launched = bool(os.environ.get("MLFLOW_RUN_ID")) and mlflow.active_run() is None and not nested
@@ -113,8 +113,8 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
             _end_run("FAILED")
             raise
         marked = _end_run("FAILED", quick=kind == "tracking server")
-        where = {"artifact store": run.info.artifact_uri, "database": ""}.get(kind, uri)
-        raise StoreError(kind, where, f"{_first_line(exc)}; run {run.info.run_id} "
+        where, note = _where(kind, run.info.artifact_uri, uri)
+        raise StoreError(kind, where, f"{note}{_first_line(exc)}; run {run.info.run_id} "
                          f"{'marked FAILED' if marked else 'could not be marked FAILED (store unreachable)'}; "
                          f"{_kept_files(run.info.run_id)}") from exc
     except BaseException:  # KeyboardInterrupt, SystemExit: like mlflow.start_run's context manager
@@ -126,7 +126,17 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
 
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
-    return (text.splitlines() or [type(exc).__name__])[0][:400]
+    line = (text.splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= 300 else line[:300] + "…"
+
+
+def _where(kind: str, artifact_uri: str, tracking_uri: str) -> tuple[str, str]:
+    """(uri naming the failed store, note) for a StoreError."""
+    if kind == "artifact store":
+        note = (f"(proxied by the tracking server {tracking_uri} to its artifacts destination) "
+                if artifact_uri.startswith("mlflow-artifacts:") else "")
+        return artifact_uri, note
+    return ("" if kind == "database" else tracking_uri), ""
 
 
 def _store_kind(exc: BaseException, tracking_uri: str) -> str | None:
