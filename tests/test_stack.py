@@ -377,22 +377,24 @@ def test_s3_down_at_artifact_upload_fails_clearly_and_keeps_the_model(stack):
 
 
 def test_basic_auth_refuses_unauthenticated_clients(stack):
+    """`ICHFLOW_STACK_AUTH=1 stack.sh restart mlflow`: the server now wants credentials (left on: `down` is next)."""
     import requests
 
     stack.sh("restart", "mlflow", extra={"ICHFLOW_STACK_AUTH": "1"})
-    try:
-        url = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search"
-        assert requests.post(url, json={"max_results": 1}, timeout=30).status_code == 401
-        wrong = requests.post(url, json={"max_results": 1}, auth=("admin", "not-the-password"), timeout=30)
-        assert wrong.status_code == 401
-        ok = requests.post(url, json={"max_results": 1}, auth=("admin", stack.secrets["MLFLOW_ADMIN_PASSWORD"]),
-                           timeout=30)
-        assert ok.status_code == 200, ok.text[:300]
-        code = "import mlflow; mlflow.MlflowClient().search_experiments(max_results=1)"
-        anon = _run(["-c", code], stack.client_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), timeout=120)
-        assert anon.returncode != 0 and "401" in anon.stderr
-    finally:
-        stack.sh("restart", "mlflow")
+    url = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search"
+    assert requests.post(url, json={"max_results": 1}, timeout=30).status_code == 401
+    wrong = requests.post(url, json={"max_results": 1}, auth=("admin", "not-the-password"), timeout=30)
+    assert wrong.status_code == 401
+    ok = requests.post(url, json={"max_results": 1}, auth=("admin", stack.secrets["MLFLOW_ADMIN_PASSWORD"]),
+                       timeout=30)
+    assert ok.status_code == 200, ok.text[:300]
+    code = "import mlflow; mlflow.MlflowClient().search_experiments(max_results=1)"
+    anon = _run(["-c", code], stack.client_env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0"), timeout=120)
+    assert anon.returncode != 0 and "401" in anon.stderr
+    authed = _run(["-c", code], stack.client_env(MLFLOW_TRACKING_USERNAME="admin",
+                                                 MLFLOW_TRACKING_PASSWORD=stack.secrets["MLFLOW_ADMIN_PASSWORD"]),
+                  timeout=120)
+    assert authed.returncode == 0, authed.stderr[-2000:]
 
 
 def test_down_stops_exactly_what_up_started(stack):
