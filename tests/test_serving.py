@@ -1,4 +1,10 @@
-"""predict and serve with a registered model: files written, REST answers match in-process predictions."""
+"""predict and serve with registered models: files written, REST answers match in-process predictions.
+
+One tiny model per task (trained on the synthetic phantoms in this module's own tracking store and registry)
+is made ``@champion`` of ``ich-<task>``. For every task: ``models:/ich-<task>@champion`` predicts what the
+training run's checkpoint predicts, and a real ``mlflow models serve`` process answers ``/invocations`` with
+the in-process predictions.
+"""
 
 import json
 import os
@@ -13,19 +19,111 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
+from ichflow.data.images import read_gray
 from ichflow.errors import DataError
+from ichflow.paths import work_dir
+from ichflow.prepare import DataConfig, prepare_data
+from ichflow.registry import MODEL_NAMES
 from ichflow.serving import PredictConfig, discover_scans, run_predict
-from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
 
-TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
+TASKS = ("segmentation", "classification", "detection", "multilabel")
+SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
+SLICE_TINY = dict(image_size=64, epochs=1, batch_size=8, num_workers=0)
 
 
 @pytest.fixture(scope="module")
-def seg_model():
-    result = train_segmentation(SegmentationConfig(**TINY))
-    return f"models:/ich-segmentation/{result['model_version']}"
+def store(tmp_path_factory):
+    """This module's own tracking store and registry (it moves @champion of every model); restored after."""
+    from mlflow.tracking import fluent
+
+    old = (os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_EXPERIMENT_ID"), fluent._active_experiment_id)
+    uri = f"sqlite:///{tmp_path_factory.mktemp('serving') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("serving-tests")   # not an experiment id of the session's store
+    yield uri
+    os.environ["MLFLOW_TRACKING_URI"] = old[0]
+    mlflow.set_tracking_uri(old[0])
+    if old[1] is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = old[1]
+    fluent._active_experiment_id = old[2]
+
+
+def _train(task: str) -> dict:
+    if task == "segmentation":
+        from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
+
+        return train_segmentation(SegmentationConfig(**SEG_TINY))
+    if task == "classification":
+        from ichflow.tasks.classification import ClassificationConfig, train_classification
+
+        return train_classification(ClassificationConfig(**SLICE_TINY, n_boot=50, gradcam_per_group=0))
+    if task == "detection":   # the default engine (YOLO), as the main job registers it
+        from ichflow.tasks.detection import DetectionConfig, train_detection
+
+        return train_detection(DetectionConfig(imgsz=64, epochs=1, batch_size=8, mosaic=0.0, overlays=0))
+    from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
+
+    return train_multilabel(MultilabelConfig(**SLICE_TINY, n_folds=3))
+
+
+@pytest.fixture(scope="module")
+def champion(store):
+    """``champion(task)`` -> the training result of a tiny model of ``task``, now ``@champion`` (trained once)."""
+    trained: dict[str, dict] = {}
+
+    def get(task: str) -> dict:
+        if task not in trained:
+            res = _train(task)
+            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAMES[task], "champion", str(res["model_version"]))
+            trained[task] = res
+        return trained[task]
+
+    return get
+
+
+def _uri(task: str) -> str:
+    return f"models:/{MODEL_NAMES[task]}@champion"
+
+
+def _scan(task: str, n: int = 3) -> np.ndarray:
+    """``n`` middle slices of the first test patient of the data the task's tiny model was trained on."""
+    if task == "multilabel":
+        from ichflow.tasks.multilabel import MultilabelConfig
+
+        ml = MultilabelConfig()
+        prep = prepare_data(DataConfig(dataset=ml.dataset, synthetic_patients=ml.synthetic_patients,
+                                       synthetic_slices=ml.synthetic_slices, n_folds=3))
+    else:
+        prep = prepare_data(DataConfig())
+    pid = sorted(prep.split.loc[prep.split["split"] == "test", "patient_id"])[0]
+    paths = prep.manifest[prep.manifest["patient_id"] == pid].sort_values("slice_index")["image_path"].tolist()
+    mid = len(paths) // 2 - n // 2
+    return np.stack([read_gray(p) for p in paths[mid:mid + n]])
+
+
+# the detection comparison keeps every box (an untrained tiny model has few above its val-chosen threshold)
+PARAMS = {"detection": {"conf_threshold": 0.001}}
+
+
+def _assert_same(task: str, got, expected) -> None:
+    if task == "segmentation":
+        got = np.asarray(got, dtype=np.float32)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        return
+    got = pd.DataFrame(got)
+    assert list(got.columns) == list(expected.columns) and len(got) == len(expected)
+    if task == "detection":
+        assert len(expected) > 0    # at conf 0.001 a YOLO model always proposes boxes: the comparison is real
+        np.testing.assert_array_equal(got["slice_index"], expected["slice_index"])
+    np.testing.assert_allclose(got.to_numpy(dtype=np.float64), expected.to_numpy(dtype=np.float64),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_discover_scans_layouts(tmp_path, synthetic_phe):
@@ -43,54 +141,124 @@ def test_discover_scans_layouts(tmp_path, synthetic_phe):
 
 
 @pytest.mark.slow
-def test_predict_writes_masks_overlays_and_csv(seg_model, synthetic_phe, tmp_path):
+def test_predict_writes_masks_overlays_and_csv(champion, synthetic_phe, tmp_path):
+    champion("segmentation")
     scan_dir = synthetic_phe / "SubdatasetC_PNG" / "set" / "image1"
-    table = run_predict(PredictConfig(model_uri=seg_model, input=str(scan_dir), output=str(tmp_path / "out")))
+    table = run_predict(PredictConfig(model_uri=_uri("segmentation"), input=str(scan_dir),
+                                      output=str(tmp_path / "out")))
     assert len(table) == 12 and set(table["scan"]) == {"image1"}
     csv = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert {"scan", "slice", "image", "lesion_pixels", "max_probability", "positive", "lesion_ml"} <= set(csv.columns)
     masks = sorted((tmp_path / "out" / "masks" / "image1").glob("*.png"))
     assert len(masks) == 12
-    model = mlflow.pyfunc.load_model(seg_model)
+    model = mlflow.pyfunc.load_model(_uri("segmentation"))
     arr = np.stack([np.asarray(Image.open(p)) for p in sorted(scan_dir.glob("*.png"))])
     probs = model.predict(arr)
     expected = (probs >= model.metadata.metadata["threshold"]).sum(axis=(1, 2))
     assert csv["lesion_pixels"].tolist() == expected.tolist()
 
 
+# ------------------------------------------------------------------ registry model == training checkpoint
+def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
+    """What the training run's own best checkpoint (its scratch folder work/runs/<run_id>/) predicts."""
+    runs = work_dir() / "runs"
+    if task == "segmentation":
+        from ichflow.engine.augment import Normalizer
+        from ichflow.tasks.segmentation.data import predict_scan
+        from ichflow.tasks.segmentation.model import build_model
+
+        cfg = json.loads((runs / res["run_id"] / "model_config.json").read_text())
+        model = build_model(cfg["model"])
+        model.load_state_dict(torch.load(runs / res["run_id"] / "best.pt", map_location="cpu", weights_only=True))
+        model.eval()
+        probs, _ = predict_scan(model, arr, Normalizer(cfg["norm_mean"], cfg["norm_std"]),
+                                cfg["model"]["in_channels"], torch.device("cpu"))
+        return probs
+    if task == "detection":
+        from ichflow.tasks.detection.pyfunc import stacked, to_frame
+        from ichflow.tasks.detection.yolo import YoloPredictor
+
+        best = runs / res["run_id"] / "yolo" / "train" / "weights" / "best.pt"
+        predictor = YoloPredictor(best, 64, "cpu")
+        return to_frame(predictor(stacked(arr, 3), conf=PARAMS["detection"]["conf_threshold"]))
+    from ichflow.tasks import slice_classifier as sc
+
+    cfg = json.loads((runs / res["run_id"] / "model" / "model_config.json").read_text())
+    if task == "classification":
+        ckpt = runs / res["run_id"] / "best.pt"
+    else:   # the subtype model is the checkpoint of the fold the training run chose (tag ichflow.final_model)
+        client = mlflow.MlflowClient()
+        parent = client.get_run(res["run_id"])
+        fold = parent.data.tags["ichflow.final_model"].split()[0]
+        assert fold.startswith("fold-"), fold
+        child = client.search_runs([parent.info.experiment_id],
+                                   f"tags.mlflow.parentRunId = '{res['run_id']}' and tags.mlflow.runName = '{fold}'")
+        assert len(child) == 1
+        ckpt = runs / child[0].info.run_id / "best.pt"
+    model = sc.build_model(cfg["model"], cfg["in_channels"], len(cfg["classes"]))
+    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    return sc.predict_scan(model, cfg, arr)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_champion_predicts_what_the_training_checkpoint_predicts(champion, task):
+    res = champion(task)
+    model = mlflow.pyfunc.load_model(_uri(task))
+    info = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAMES[task], "champion")
+    assert info.run_id == res["run_id"] and model.metadata.metadata["task"] == task
+    arr = _scan(task)
+    _assert_same(task, model.predict(arr, params=PARAMS.get(task)), _checkpoint_predict(task, res, arr))
+
+
+# ------------------------------------------------------------------ mlflow models serve, one server per model
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _post(port: int, payload: dict):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(payload).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())["predictions"]
+
+
 @pytest.mark.slow
-def test_serve_round_trip(seg_model, synthetic_phe):
+@pytest.mark.parametrize("task", TASKS)
+def test_serve_round_trip(champion, task, store):
+    champion(task)
     port = _free_port()
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", seg_model, "--env-manager",
+    # what a user runs: the venv's bin first on PATH (the scoring server starts `python` from PATH)
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               MLFLOW_TRACKING_URI=store)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", _uri(task), "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300  # the server imports torch + mlflow: slow on a busy 2-core machine
-        while time.time() < deadline:
+        while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
                     break
             except OSError:
                 if proc.poll() is not None:
                     raise AssertionError(proc.stdout.read().decode()[-3000:])
+                if time.time() > deadline:
+                    raise AssertionError(f"mlflow models serve -m {_uri(task)} did not answer /ping in 300 s")
                 time.sleep(1)
-        scan_dir = synthetic_phe / "SubdatasetC_PNG" / "set" / "image2"
-        arr = np.stack([np.asarray(Image.open(p)) for p in sorted(scan_dir.glob("*.png"))[4:7]])
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                     data=json.dumps({"inputs": arr.tolist()}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as resp:
-            served = np.asarray(json.loads(resp.read())["predictions"], dtype=np.float32)
-        local = mlflow.pyfunc.load_model(seg_model).predict(arr)
-        assert served.shape == local.shape == arr.shape
-        np.testing.assert_allclose(served, local, atol=1e-4)
+        arr = _scan(task)
+        payload = {"inputs": arr.tolist()}
+        if task in PARAMS:
+            payload["params"] = PARAMS[task]
+        served = _post(port, payload)
+        local = mlflow.pyfunc.load_model(_uri(task)).predict(arr, params=PARAMS.get(task))
+        _assert_same(task, served, local)
     finally:
         proc.terminate()
-        proc.wait(30)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
