@@ -127,6 +127,9 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
 def _first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc).strip()
     line = (text.splitlines() or [type(exc).__name__])[0]
+    cause = re.search(r"Max retries exceeded.*?\(Caused by (.*)\)", line)
+    if cause:  # urllib3 repeats the whole URL; what matters is that the retries ran out, and why
+        line = f"no answer after {os.environ.get('MLFLOW_HTTP_REQUEST_MAX_RETRIES', '7')} retries: {cause.group(1)}"
     return line if len(line) <= 300 else line[:300] + "…"
 
 
