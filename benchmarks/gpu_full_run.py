@@ -24,7 +24,8 @@ import ichflow  # noqa: F401  (offline environment first)
 # about 6 minutes of an H100 (the recipe's budget is 8 minutes including set-up).
 CONFIGS = {
     "segmentation": dict(dataset="phe", patch_size=128, batch_size=32, steps_per_epoch=150, epochs=14,
-                         patience=5, lr=2e-3, eval_batch_size=32, num_workers=8, time_budget_min=2.2),
+                         patience=5, lr=2e-3, eval_batch_size=32, num_workers=8, time_budget_min=2.2,
+                         pixel_spacing_mm=1.016),  # half resolution: twice the published 0.508 mm
     "classification": dict(dataset="phe", image_size=256, batch_size=64, epochs=16, patience=6, lr=1e-3,
                            aug_strength=0.5, num_workers=8, n_boot=1000),
     "detection": dict(dataset="phe", imgsz=256, batch_size=32, epochs=40, patience=15, num_workers=8,
