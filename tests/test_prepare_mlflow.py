@@ -62,3 +62,16 @@ def test_bad_data_dir_exits_with_clear_error(tmp_path):
                            str(tmp_path / "nope")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert f"error: {tmp_path / 'nope'}: data folder does not exist" in proc.stderr
+
+
+def test_preset_values_are_recorded_next_to_the_command_line_defaults():
+    """`mlflow run` logs -P defaults first; a preset that changed a field must still show what ran."""
+    from ichflow.tracking import log_params_once
+
+    with mlflow.start_run() as run:
+        mlflow.log_params({"epochs": "20", "data_dir": "''", "lr": "0.003", "register": "True"})
+        log_params_once({"epochs": 7, "data_dir": "", "lr": 0.003, "register": True, "patience": 3})
+        log_params_once({"epochs": 9})  # a later call does not rewrite what ran
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert params["resolved.epochs"] == "7" and params["epochs"] == "20" and params["patience"] == "3"
+    assert not {"resolved.data_dir", "resolved.lr", "resolved.register"} & set(params)

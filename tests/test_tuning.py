@@ -108,3 +108,26 @@ def test_two_worker_processes_share_one_study(tmp_path):
     children = _children(parent.info.run_id)
     run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
     assert {c.info.run_id for c in children} == run_ids  # every trial is a child of this parent, none lost
+
+
+@pytest.mark.slow
+def test_detection_conf_threshold_is_chosen_on_trial_predictions_without_retraining(tmp_path):
+    """YOLO's confidence threshold is no search dimension: each trial trains once, picks the threshold on
+    its own val predictions, and the refit of the best trial is given that threshold (its one training)."""
+    storage = f"journal:{tmp_path / 'det.journal'}"
+    tiny = "engine=yolo,imgsz=64,epochs=1,batch_size=8,overlays=0,num_workers=0"
+    result = run_tune(TuneConfig(task="detection", n_trials=2, study_name="det-conf", storage=storage,
+                                 overrides=tiny, pruner="none", refit_best=True))
+    study = optuna.load_study(study_name="det-conf", storage=open_storage(storage))
+    for trial in study.trials:
+        assert "conf_threshold" not in trial.params           # not searched: no training per threshold
+        assert 0.0 < trial.user_attrs["best_conf_threshold"] <= 1.0
+    parent = _parent_of_last_tune()
+    children = _children(parent.info.run_id)
+    assert len(children) == 2 + 1                              # two trials + the refit: one training each
+    trial_runs = [c for c in children if "optuna.trial" in c.data.tags]
+    assert all(c.data.metrics["epochs_run"] == 1 for c in trial_runs)
+    refit = mlflow.MlflowClient().get_run(result["refit"]["run_id"])
+    best = study.best_trial.user_attrs["best_conf_threshold"]
+    assert float(refit.data.params["conf_threshold"]) == pytest.approx(best)
+    assert float(refit.data.params["conf_threshold_used"]) == pytest.approx(best, abs=1e-6)

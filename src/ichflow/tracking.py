@@ -222,9 +222,26 @@ def log_params_once(params: dict) -> None:
 
     ``mlflow run`` already logged the entry point's -P parameters (its own rendering of them, e.g. "''"
     for an empty string); logging them again with another rendering is an error in MLflow.
+    A value that differs from the logged one (a preset filled in a field the command line left at its
+    default) is logged as ``resolved.<name>``, so the run shows what actually ran.
     """
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     fresh = {k: v for k, v in params.items() if k not in existing}
+    fresh.update({f"resolved.{k}": v for k, v in params.items()
+                  if k in existing and not _same_param(existing[k], v) and f"resolved.{k}" not in existing})
     if fresh:
         mlflow.log_params(fresh)
+
+
+def _same_param(logged: str, value) -> bool:
+    """Whether MLflow's string of a param (as ``mlflow run`` rendered it) means ``value``."""
+    text = str(logged).strip()
+    if text in ("''", '""'):
+        text = ""
+    if isinstance(value, bool) or str(value).lower() in ("true", "false"):
+        return text.lower() == str(value).lower()
+    try:
+        return float(text) == float(value)
+    except (TypeError, ValueError):
+        return text == str(value)
