@@ -34,7 +34,7 @@ CLASS_NAMES = ["no bleed", "bleed"]
 
 # Values a preset sets for every field left at its default (see tasks.common.apply_preset).
 PRESETS = {
-    # PHE-SICH-CT-IDS, 96 patients / 2,851 slices: sized for about 10 min of training on 2 CPU cores.
+    # PHE-SICH-CT-IDS, 96 patients / 2,851 slices: ~20 min of training on 2 free CPU cores (reports/classification_phe.md).
     "phe": {"dataset": "phe", "image_size": 160, "epochs": 7, "patience": 3, "batch_size": 16, "lr": 1e-3,
             "aug_strength": 0.5, "n_boot": 1000},
     # CT-ICH, 82 patients / 2,501 slices (318 with hemorrhage).
