@@ -72,19 +72,44 @@ def run(task: str, quick: bool = False, cfg=None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ torch tasks
+def _preload(dataset, batch_size: int, n_batches: int) -> list:
+    """Batches built in this process straight from the dataset (the real loader's stream is not touched)."""
+    import torch
+
+    n = len(dataset)
+    return [torch.utils.data.default_collate([dataset[(b * batch_size + i) % n] for i in range(batch_size)])
+            for b in range(n_batches)]
+
+
 def _run_torch(task: str, cfg, quick: bool) -> dict:
+    import copy
+
     import torch
 
     from ichflow.engine import trainer as tr
 
-    seen: list[tuple] = []     # (trainer, loader, steps) of every epoch
     epochs: list[dict] = []
+    kits: dict[int, dict] = {}
     orig = tr.Trainer.train_epoch
+
+    def ceiling_rep(kit: dict, steps: int) -> float:
+        return orig(kit["trainer"], [kit["batches"][i % len(kit["batches"])] for i in range(steps)],
+                    -1, steps)["train_images_per_s"]
 
     def train_epoch(self, loader, epoch, steps=None):
         out = orig(self, loader, epoch, steps)
-        seen.append((self, loader, steps))
-        epochs.append({"trainer": id(self), "epoch": epoch, **out})
+        n_steps = steps or len(loader)
+        kit = kits.get(id(self))
+        if kit is None:  # first epoch of this trainer (fold): a copy of it + batches held in memory
+            twin = copy.deepcopy(self)  # model, optimizer state, loss, grad clipping: same work per step
+            twin.scheduler = None       # (stepping a schedule is not model work; the copy keeps the real one intact)
+            kit = kits[id(self)] = {"trainer": twin, "loader": loader,
+                                    "batches": _preload(loader.dataset, loader.batch_size, min(8, n_steps))}
+            orig(twin, kit["batches"], -1, min(n_steps, 2))  # warm-up of the copy
+        # the paired measurement: right after this real epoch, the same number of steps on the copy
+        ceil = ceiling_rep(kit, n_steps)
+        epochs.append({"trainer": id(self), "epoch": epoch, "real": out["train_images_per_s"], "ceiling": ceil,
+                       "steps": n_steps, "real_seconds": out["epoch_seconds"]})
         return out
 
     t0 = time.perf_counter()
@@ -92,28 +117,16 @@ def _run_torch(task: str, cfg, quick: bool) -> dict:
         result = train_fn(task)(cfg)
     wall = time.perf_counter() - t0
 
-    # per-epoch throughput as the trainer logged it; steady = without each trainer's (fold's) first epoch
-    by_trainer: dict[int, list[float]] = {}
+    # steady = without each trainer's (fold's) first epoch (worker start-up, allocator warm-up)
+    by_trainer: dict[int, list[dict]] = {}
     for e in epochs:
-        by_trainer.setdefault(e["trainer"], []).append(e["train_images_per_s"])
-    all_ips = [v for vals in by_trainer.values() for v in vals]
-    steady_ips = [v for vals in by_trainer.values() for v in steady(vals)]
+        by_trainer.setdefault(e["trainer"], []).append(e)
+    all_e = [e for es in by_trainer.values() for e in es]
+    steady_e = [e for es in by_trainer.values() for e in steady(es)]
+    paired = [ratio(e["real"], e["ceiling"]) for e in steady_e]
 
-    trainer, loader, steps = seen[-1]
-    steps = steps or len(loader)
-    trainer.model.to(memory_format=torch.channels_last)  # classification logs a contiguous CPU copy at the end
-    pre = []
-    for batch in loader:  # batches of the real loader, held in memory (untimed)
-        pre.append(batch)
-        if len(pre) >= min(8, steps):
-            break
-    batches = [pre[i % len(pre)] for i in range(steps)]
-    trainer.scheduler = None  # schedule stepping is not model work (OneCycle would also overrun its length)
-    trainer.progress = True
-    reps = 3 if quick else 5
-    trainer.train_epoch(batches, epoch=-1, steps=min(steps, 3))  # warm-up
-    ceiling = [trainer.train_epoch(batches, epoch=-1, steps=steps)["train_images_per_s"] for _ in range(reps)]
-
+    kit = list(kits.values())[-1]
+    loader = kit["loader"]
     ds = loader.dataset
     n_items = min(len(ds), 8 * (loader.batch_size or 8))
     t1 = time.perf_counter()
@@ -121,85 +134,99 @@ def _run_torch(task: str, cfg, quick: bool) -> dict:
         ds[i % len(ds)]
     input_only = n_items / (time.perf_counter() - t1)
 
-    x = pre[0][0]
-    real = median(steady_ips)
-    ceil = median(ceiling)
+    x = kit["batches"][0][0]
     return {
         "task": task, "config": _config_dict(cfg), "run_id": result.get("run_id"),
         "model_uri": result.get("model_uri"), "shape": "×".join(str(d) for d in x.shape),
         "workers": loader.num_workers, "torch_threads": torch.get_num_threads(),
-        "real_images_per_s_epochs": all_ips, "real_images_per_s": real,
-        "real_images_per_s_incl_first_epoch": median(all_ips),
-        "ceiling_images_per_s_reps": ceiling, "ceiling_images_per_s": ceil, "ceiling_threads": torch.get_num_threads(),
-        "ratio": ratio(real, ceil), "ratio_incl_first_epoch": ratio(median(all_ips), ceil),
-        "input_only_images_per_s": input_only, "steps_per_epoch": steps, "epochs_measured": len(all_ips),
+        "epochs": [{k: v for k, v in e.items() if k != "trainer"} for e in all_e],
+        "real_images_per_s": median([e["real"] for e in steady_e]),
+        "ceiling_images_per_s": median([e["ceiling"] for e in steady_e]), "ceiling_threads": torch.get_num_threads(),
+        "paired_ratios": paired, "ratio": median(paired),
+        "ratio_incl_first_epoch": median([ratio(e["real"], e["ceiling"]) for e in all_e]),
+        "input_only_images_per_s": input_only, "epochs_measured": len(steady_e),
         "wall_seconds": wall, "mlflow_tracking_seconds": timer.tracking_seconds,
         "mlflow_model_seconds": timer.model_seconds, "mlflow": timer.as_dict(),
+        "method": "paired: after every real epoch the same number of steps on a deep copy of the trainer "
+                  "with batches pre-loaded in memory; ratio = median over epochs (each fold's first excluded)",
     }
 
 
 # ------------------------------------------------------------------------------------------------ YOLO
 def _run_yolo(cfg, quick: bool) -> dict:
+    import copy
+
     import torch
 
     from ichflow.tasks.detection import yolo as ymod
 
-    state: dict = {"t0": {}, "epochs": [], "acc": {}, "ceiling": None, "input_only": None}
+    state: dict = {"t0": {}, "epochs": [], "acc": {}, "kit": None, "input_only": None, "threads": {}}
     reps = 3 if quick else 5
 
+    def ceiling_rep(acc_seq: list[int], steps: int) -> float:
+        """Ultralytics' per-batch work on a copy: forward + loss, backward, optimizer_step at its cadence."""
+        kit = state["kit"]
+        model, opt, ema, batches = kit["model"], kit["optimizer"], kit["ema"], kit["batches"]
+        model.train()
+        last, images = -1, 0
+        t = time.perf_counter()
+        for ni in range(steps):
+            b = batches[ni % len(batches)]
+            loss, _ = model(b)
+            loss.sum().backward()
+            images += int(b["img"].shape[0])
+            if ni - last >= acc_seq[ni % len(acc_seq)]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
+                opt.step()
+                opt.zero_grad()
+                if ema:
+                    ema.update(model)
+                last = ni
+        return images / (time.perf_counter() - t)
+
     def on_train_start(trainer):
-        ds = trainer.train_loader.dataset  # mosaic still on (it closes only in the last epochs)
+        loader = trainer.train_loader
+        ds = loader.dataset  # mosaic on (it closes only in the last epochs)
         n = min(len(ds), 48)
         t = time.perf_counter()
-        for i in range(n):
-            ds[i]
+        items = [ds[i] for i in range(n)]
         state["input_only"] = n / (time.perf_counter() - t)
-        state["workers"] = trainer.train_loader.num_workers
-        state["threads"] = torch.get_num_threads()
+        bs = int(trainer.batch_size)
+        batches = [trainer.preprocess_batch(loader.collate_fn(items[k * bs:(k + 1) * bs]))
+                   for k in range(max(1, n // bs))]
+        model, optimizer, ema = copy.deepcopy((trainer.model, trainer.optimizer, trainer.ema))
+        state["kit"] = {"model": model, "optimizer": optimizer, "ema": ema, "batches": batches,
+                        "shape": "×".join(map(str, batches[0]["img"].shape))}
+        state["workers"] = loader.num_workers
+        state["threads0"] = torch.get_num_threads()
+        ceiling_rep([1], 2)  # warm-up of the copy
 
     def on_epoch_start(trainer):
         state["t0"][trainer.epoch] = time.perf_counter()
 
     def on_batch_start(trainer):
-        state["acc"].setdefault(trainer.epoch, []).append(int(trainer.accumulate))
+        state["acc"].setdefault(trainer.epoch, []).append(max(1, int(trainer.accumulate)))
 
     def on_epoch_end(trainer):
         t = time.perf_counter()
+        ep = trainer.epoch
         n = len(trainer.train_loader.dataset)
-        state["epochs"].append({"epoch": trainer.epoch, "images": n, "seconds": t - state["t0"][trainer.epoch],
-                                "images_per_s": n / (t - state["t0"][trainer.epoch])})
+        real = n / (t - state["t0"][ep])
+        acc = state["acc"].get(ep) or [1]
+        ceil = ceiling_rep(acc, len(acc))  # paired: same number of steps, same optimizer cadence
+        state["epochs"].append({"epoch": ep, "images": n, "real_seconds": t - state["t0"][ep], "real": real,
+                                "ceiling": ceil, "steps": len(acc)})
 
     def on_train_end(trainer):
-        # before Ultralytics closes its loaders: pre-load batches, then the bare loop
-        it = iter(trainer.train_loader)
-        pre = [trainer.preprocess_batch(next(it)) for _ in range(4)]
-        bs = int(pre[0]["img"].shape[0])
-        measured = [e["epoch"] for e in state["epochs"]]
-        acc_seq = [a for ep in steady(measured) for a in state["acc"].get(ep, [])] or [int(trainer.accumulate)]
-        steps = max(len(acc_seq), 6)
-        model = trainer.model
-        model.train()
-
-        def loop(n):
-            last = -1
-            t = time.perf_counter()
-            for ni in range(n):
-                loss, _ = model(pre[ni % len(pre)])
-                trainer.scaler.scale(loss.sum()).backward()
-                if ni - last >= acc_seq[ni % len(acc_seq)]:
-                    trainer.optimizer_step()
-                    last = ni
-            return n * bs / (time.perf_counter() - t)
-
+        # how the bare model scales with torch threads (Ultralytics pins cpu_count - 1)
+        acc = [a for ep in sorted(state["acc"]) for a in state["acc"][ep]][-8:] or [1]
+        steps = max(len(acc), 6)
         threads0 = torch.get_num_threads()
-        out = {}
         for threads in sorted({threads0, os.cpu_count() or 1}):
             torch.set_num_threads(threads)
-            loop(2)
-            out[threads] = [loop(steps) for _ in range(reps)]
+            ceiling_rep(acc, 2)
+            state["threads"][threads] = median([ceiling_rep(acc, steps) for _ in range(reps)])
         torch.set_num_threads(threads0)
-        state["ceiling"] = {"by_threads": out, "threads0": threads0, "shape": "×".join(map(str, pre[0]["img"].shape)),
-                            "steps": steps}
 
     orig = ymod.load_yolo
 
@@ -216,28 +243,33 @@ def _run_yolo(cfg, quick: bool) -> dict:
         result = train_fn("detection")(cfg)
     wall = time.perf_counter() - t0
 
-    all_ips = [e["images_per_s"] for e in state["epochs"]]
-    real = median(steady(all_ips))
-    c = state["ceiling"] or {}
-    by = {t: median(v) for t, v in (c.get("by_threads") or {}).items()}
-    best_threads = max(by, key=by.get) if by else None
-    ceil = by.get(best_threads, float("nan"))
-    alt = {t: v for t, v in by.items() if t != best_threads}
+    eps = state["epochs"]
+    steady_e = steady(eps)
+    paired = [ratio(e["real"], e["ceiling"]) for e in steady_e]
+    threads0 = state.get("threads0")
+    by = state["threads"]
+    best = max(by, key=by.get) if by else threads0
+    factor = ratio(by.get(best), by.get(threads0)) if by else 1.0
     out = {
         "task": "detection", "config": _config_dict(cfg), "run_id": result.get("run_id"),
-        "model_uri": result.get("model_uri"), "shape": c.get("shape", ""), "workers": state.get("workers"),
-        "torch_threads": state.get("threads"), "real_images_per_s_epochs": all_ips, "real_images_per_s": real,
-        "real_images_per_s_incl_first_epoch": median(all_ips), "epochs": state["epochs"],
-        "ceiling_images_per_s_reps": (c.get("by_threads") or {}).get(best_threads, []),
-        "ceiling_images_per_s": ceil, "ceiling_threads": best_threads,
-        "ratio": ratio(real, ceil), "ratio_incl_first_epoch": ratio(median(all_ips), ceil),
-        "input_only_images_per_s": state["input_only"], "epochs_measured": len(all_ips),
+        "model_uri": result.get("model_uri"), "shape": (state["kit"] or {}).get("shape", ""),
+        "workers": state.get("workers"), "torch_threads": threads0, "epochs": eps,
+        "real_images_per_s": median([e["real"] for e in steady_e]),
+        "ceiling_images_per_s_same_threads": median([e["ceiling"] for e in steady_e]),
+        "paired_ratios": paired, "ratio_same_threads": median(paired),
+        "ceiling_by_threads": by, "thread_factor": factor, "ceiling_threads": best,
+        "ceiling_images_per_s": median([e["ceiling"] for e in steady_e]) * max(1.0, factor),
+        "ratio": median(paired) / max(1.0, factor),
+        "ratio_incl_first_epoch": median([ratio(e["real"], e["ceiling"]) for e in eps]) / max(1.0, factor),
+        "input_only_images_per_s": state["input_only"], "epochs_measured": len(steady_e),
         "wall_seconds": wall, "mlflow_tracking_seconds": timer.tracking_seconds,
         "mlflow_model_seconds": timer.model_seconds, "mlflow": timer.as_dict(),
-        "limit_note": "Ultralytics sets torch to cpu_count-1 thread(s) when imported and runs mosaic + affine "
+        "method": "paired per epoch at the process's threads (a deep copy of model/optimizer/EMA on batches "
+                  "pre-loaded from the same dataset), then divided by how much faster the bare model runs with "
+                  "all cores (measured at the end of the run)",
+        "limit_note": "Ultralytics pins torch to cpu_count-1 thread(s) when imported and runs mosaic + affine "
                       "augmentation in its DataLoader worker(s)",
     }
-    if alt:
-        t, v = next(iter(alt.items()))
-        out["ceiling_alt"] = {"threads": t, "images_per_s": v}
+    if by and len(by) > 1:
+        out["ceiling_alt"] = {"threads": threads0, "images_per_s": out["ceiling_images_per_s_same_threads"]}
     return out

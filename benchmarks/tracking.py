@@ -30,7 +30,7 @@ def run(quick: bool) -> dict:
 
     from ichflow.data.splits import attach_split
     from ichflow.engine import figures
-    from ichflow.engine.device import seed_everything
+    from ichflow.engine.device import default_workers, seed_everything
     from ichflow.engine.trainer import Trainer, default_loss
     from ichflow.prepare import prepare_data
     from ichflow.tasks import slice_classifier as sc
@@ -60,7 +60,8 @@ def run(quick: bool) -> dict:
                                  shuffle=False, num_workers=cfg.num_workers)
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(sc.prevalence_pos_weight(y[rows["train"]])))
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = sc.cosine_warmup(optimizer, len(loader) * cfg.epochs)
+        n_steps = len(loader)
+        scheduler = sc.cosine_warmup(optimizer, n_steps * cfg.epochs)
 
         def evaluate(m):
             probs, loss = sc.predict_probs(m, val_loader, device)
@@ -86,8 +87,7 @@ def run(quick: bool) -> dict:
                 mlflow.end_run()
         seconds = time.perf_counter() - t0
         del loader, val_loader  # stop the persistent workers before the next fit
-        return seconds, timer.as_dict(), len(fit.history[0:1]) and int(
-            round(fit.history[0]["train_images_per_s"] * fit.history[0]["epoch_seconds"] / cfg.batch_size))
+        return seconds, timer.as_dict(), n_steps
 
     fit_once(False)  # warm-up: imports, slice cache, allocator
     logged_s, off_s, timed, pair = [], [], [], []
@@ -104,12 +104,16 @@ def run(quick: bool) -> dict:
         pair.append(ratio(got[True][0], got[False][0]) - 1)
     mid = sorted(range(pairs), key=lambda k: logged_s[k])[pairs // 2]
     overhead_timed = [ratio(t["tracking_seconds"], o) for t, o in zip(timed, off_s)]
+    per_epoch = [ratio(t["seconds_by_call"].get("log_metrics", 0.0), o) for t, o in zip(timed, off_s)]
+    fixed = [t["tracking_seconds"] - t["seconds_by_call"].get("log_metrics", 0.0) for t in timed]
     return {
         "task": "classification", "epochs": cfg.epochs, "steps_per_epoch": steps, "pairs": pairs,
-        "workers": cfg.num_workers, "logged_seconds_runs": logged_s, "off_seconds_runs": off_s,
+        "workers": default_workers() if cfg.num_workers < 0 else cfg.num_workers, "logged_seconds_runs": logged_s, "off_seconds_runs": off_s,
         "logged_seconds": median(logged_s), "off_seconds": median(off_s), "pair_overheads": pair,
         "overhead_ab": median(pair), "overhead_timed_runs": overhead_timed, "overhead_timed": median(overhead_timed),
         "mlflow_seconds_runs": [t["tracking_seconds"] for t in timed],
+        "per_epoch_overhead": median(per_epoch), "per_run_fixed_seconds": median(fixed),
+        "epoch_seconds_off": median(off_s) / cfg.epochs,
         "mlflow_calls": {k: round(v, 4) for k, v in timed[mid]["seconds_by_call"].items()},
         "mlflow_call_counts": timed[mid]["calls"], "store": "sqlite (local file) + local artifact folder",
     }

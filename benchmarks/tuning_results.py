@@ -55,10 +55,38 @@ def summarise(doc: dict) -> dict:
     return {"figures": figures, "headline": headline}
 
 
+def summarise_studies(doc: dict) -> dict:
+    """The layout of ``benchmarks/tuning_studies.py``: ``studies`` (pruned studies), ``scaling`` (1 vs 2 workers)."""
+    figures, headline = {}, {}
+    for st in doc.get("studies", []):
+        task = st.get("task", "?")
+        saved, run_ = st.get("trial_epochs_saved_by_pruning"), st.get("trial_epochs_run")
+        figures[f"{task}: trials (complete / pruned / failed)"] = (
+            f"{st.get('trials_new')} ({st.get('trials_complete')} / {st.get('trials_pruned')} / {st.get('trials_failed')})")
+        figures[f"{task}: trial-epochs run / saved by pruning"] = f"{run_} / {saved}"
+        figures[f"{task}: best value ({st.get('pruner')} pruner)"] = st.get("best_value")
+        figures[f"{task}: study wall s"] = st.get("study_wall_seconds")
+        headline[f"pruning: share of trial-epochs saved, {task}"] = st.get("trial_epochs_saved_fraction")
+    per_hour = {}
+    for st in doc.get("scaling", []):
+        per_hour[st.get("n_workers")] = st.get("trials_per_hour")
+        figures[f"worker scaling: trials/hour with {st.get('n_workers')} worker(s) ({st.get('task')}, pruner "
+                f"{st.get('pruner')})"] = st.get("trials_per_hour")
+    if "scaling_ratio" in doc:
+        headline["trials/hour 2 workers ÷ 1 worker"] = doc["scaling_ratio"]
+    elif 1 in per_hour and 2 in per_hour:
+        headline["trials/hour 2 workers ÷ 1 worker"] = ratio(per_hour[2], per_hour[1])
+    m = doc.get("machine", {})
+    figures["measured (tuning file)"] = f"{m.get('date', 'n/a')}, commit {m.get('commit', 'n/a')}" + (
+        ", QUICK mode" if doc.get("quick") else "")
+    return {"figures": {**figures, **{k: v for k, v in headline.items()}}, "headline": headline}
+
+
 def run() -> dict:
     if not SOURCE.exists():
         return {"found": False, "source": str(SOURCE.relative_to(REPO)),
                 "note": f"{SOURCE.relative_to(REPO)} does not exist yet (it is written by the tuning benchmark); "
                         "no pruning or worker-scaling figure is reported"}
     doc = json.loads(SOURCE.read_text())
-    return {"found": True, "source": str(SOURCE.relative_to(REPO)), **summarise(doc)}
+    body = summarise_studies(doc) if "studies" in doc or "scaling" in doc else summarise(doc)
+    return {"found": True, "source": str(SOURCE.relative_to(REPO)), **body}

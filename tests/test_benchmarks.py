@@ -124,3 +124,20 @@ def test_render_committed_results():
     for task, t in results.get("sections", {}).get("pipeline", {}).get("tasks", {}).items():
         if "ratio" in t:
             assert core.fmt(t["ratio"]) in text
+
+
+def test_tuning_summary_of_tuning_studies_layout():
+    from benchmarks.tuning_results import summarise_studies
+
+    doc = {"machine": {"date": "d", "commit": "c"}, "quick": False,
+           "studies": [{"task": "segmentation", "trials_new": 12, "trials_complete": 7, "trials_pruned": 5,
+                        "trials_failed": 0, "trial_epochs_run": 30, "trial_epochs_saved_by_pruning": 18,
+                        "trial_epochs_saved_fraction": 0.375, "study_wall_seconds": 600, "best_value": 0.5,
+                        "pruner": "median"}],
+           "scaling": [{"n_workers": 1, "trials_per_hour": 30.0, "task": "segmentation", "pruner": "none"},
+                       {"n_workers": 2, "trials_per_hour": 45.0, "task": "segmentation", "pruner": "none"}]}
+    s = summarise_studies(doc)
+    assert s["headline"]["pruning: share of trial-epochs saved, segmentation"] == 0.375
+    assert s["headline"]["trials/hour 2 workers ÷ 1 worker"] == pytest.approx(1.5)
+    doc["scaling_ratio"] = 1.49
+    assert summarise_studies(doc)["headline"]["trials/hour 2 workers ÷ 1 worker"] == 1.49
