@@ -387,7 +387,8 @@ def render_inference(sec: dict) -> list[str]:
              "Per-slice latency (one 512×512 slice per call, p50/p95 over repeated calls after warm-up) and "
              "throughput for a 32-slice scan, for each task's pyfunc: in-process (`mlflow.pyfunc.load_model`) and "
              "through a real `mlflow models serve` process (`--env-manager local`, 127.0.0.1; JSON `inputs`, "
-             "payload serialised once, time = request + response parsing).", ""]
+             "payload serialised once, time = request + response parsing). Server start = launch to first "
+             "answered `/ping`, all servers launched at once on the 2 cores.", ""]
     lines += _section_head(sec, "inference")
     rows = []
     for task in TASKS:
