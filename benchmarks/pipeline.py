@@ -267,8 +267,9 @@ def _run_yolo(cfg, quick: bool) -> dict:
         "method": "paired per epoch at the process's threads (a deep copy of model/optimizer/EMA on batches "
                   "pre-loaded from the same dataset), then divided by how much faster the bare model runs with "
                   "all cores (measured at the end of the run)",
-        "limit_note": "Ultralytics pins torch to cpu_count-1 thread(s) when imported and runs mosaic + affine "
-                      "augmentation in its DataLoader worker(s)",
+        "limit_note": "On CPU Ultralytics sets workers=0 (its trainer: 'time dominated by inference, not "
+                      "dataloading'), so mosaic + affine augmentation runs in the training process between steps, "
+                      "and importing it pins torch to cpu_count-1 thread(s)",
     }
     if by and len(by) > 1:
         out["ceiling_alt"] = {"threads": threads0, "images_per_s": out["ceiling_images_per_s_same_threads"]}
