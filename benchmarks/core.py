@@ -518,6 +518,14 @@ def closing_notes(results: dict) -> list[str]:
         if t.get("limit_note"):
             text += f". {t['limit_note']}"
         notes.append(text + ".")
+    ratios = {t: v.get("ratio") for t, v in secs.get("pipeline", {}).get("tasks", {}).items() if "ratio" in v}
+    below = [t for t, r in ratios.items() if verdict(r, GOAL_PIPELINE_RATIO, True) != "met"]
+    if ratios:
+        notes.append(("input pipeline: below the goal in this run: " + ", ".join(below) + " (see the per-task "
+                      "notes above)") if below else
+                     ("input pipeline: every task meets the goal in this run; the input side is a small share of a "
+                      "step (decoded uint8 slice cache in a memory map, augmentation on small crops), so no "
+                      "engine change was made for speed"))
     tr = secs.get("tracking", {})
     if "overhead_timed" in tr:
         calls = tr.get("mlflow_calls") or {}
