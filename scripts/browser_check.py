@@ -116,8 +116,12 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
         if exp is None:
             continue
         found = None
-        for run in client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
-                                      order_by=["attributes.start_time DESC"], max_results=50):
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'",
+                                  order_by=["attributes.start_time DESC"], max_results=50)
+        # the task's own runs first, newest first; runs nested under another run of this experiment (CV folds,
+        # trials) after them (a pipeline step's parent is the pipeline run, in another experiment)
+        ids = {r.info.run_id for r in runs}
+        for run in sorted(runs, key=lambda r: r.data.tags.get("mlflow.parentRunId") in ids):
             figs = [a.path for a in client.list_artifacts(run.info.run_id, "figures")
                     if "confusion" in a.path and a.path.endswith(".png")]
             if figs:
