@@ -97,7 +97,7 @@ def run(quick: bool, models: dict) -> dict:
     import numpy as np
     import torch
 
-    n_single, n_scan = (8, 1) if quick else (20, 2)
+    n_single, n_scan = (8, 1) if quick else (15, 2)
     scan = scan_32()
     single = np.ascontiguousarray(scan[len(scan) // 2: len(scan) // 2 + 1])
     out: dict = {"tasks": {}, "calls": n_single, "scan_calls": n_scan, "scan_shape": list(scan.shape)}

@@ -27,16 +27,16 @@ def task_config(task: str, quick: bool):
     if task == "segmentation":
         from ichflow.tasks.segmentation import SegmentationConfig
 
-        return SegmentationConfig(epochs=2 if quick else 4, steps_per_epoch=4 if quick else 12, patience=10)
+        return SegmentationConfig(epochs=2 if quick else 3, steps_per_epoch=4 if quick else 10, patience=10)
     if task == "classification":
         from ichflow.tasks.classification.train import ClassificationConfig
 
-        return ClassificationConfig(epochs=2 if quick else 4, patience=10, n_boot=50 if quick else 200,
+        return ClassificationConfig(epochs=2 if quick else 3, patience=10, n_boot=50 if quick else 200,
                                     gradcam_per_group=1)
     if task == "detection":
         from ichflow.tasks.detection.config import DetectionConfig
 
-        return DetectionConfig(epochs=2 if quick else 4, patience=10, overlays=2)
+        return DetectionConfig(epochs=2 if quick else 3, patience=10, overlays=2)
     if task == "multilabel":
         from ichflow.tasks.multilabel.train import MultilabelConfig
 

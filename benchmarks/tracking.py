@@ -37,8 +37,8 @@ def run(quick: bool) -> dict:
     from ichflow.tasks.classification.train import LABEL, ClassificationConfig
     from ichflow.tasks.common import make_loader
 
-    cfg = ClassificationConfig(epochs=2 if quick else 3)
-    pairs = 1 if quick else 3
+    cfg = ClassificationConfig(epochs=2)
+    pairs = 1 if quick else 2
     prep = prepare_data(cfg)
     manifest = attach_split(prep.manifest, prep.split)
     data = sc.SliceData.load(manifest, cfg.image_size)
