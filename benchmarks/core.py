@@ -411,8 +411,8 @@ def render_inference(sec: dict) -> list[str]:
 def render_scaling(sec: dict) -> list[str]:
     lines = ["## 5. Scaling with data", "",
              "Wall time of the `prepare` entry point (read, validate, split, write, MLflow logging; median of "
-             "repeats) and of one classification training epoch (train pass + validation, median of the epochs "
-             "after the first) at 1×, 2×, 4× the synthetic phantom (`synthetic_patients`). Goal: cost grows "
+             "repeats) and of one classification training epoch (train pass + validation; 96 px slices; the "
+             "second epoch of the run, the first carries worker start-up) at 1×, 2×, 4× the synthetic phantom (`synthetic_patients`). Goal: cost grows "
              "linearly, not worse: ratio ≤ size factor, exponent (log-log slope) ≤ 1.", ""]
     lines += _section_head(sec, "scaling")
     rows = []
