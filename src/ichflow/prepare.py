@@ -106,9 +106,17 @@ def prepare_data(cfg: DataConfig) -> Prepared:
             (tmp / "validation_report.json").write_text(report.to_json())
             (tmp / "config.json").write_text(json.dumps(
                 {**dataclasses.asdict(cfg), "reader": reader, "source": source, "data_root": str(folder)}, indent=2))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
+            if (out_dir / "manifest.csv").exists():  # a concurrent process (tuning worker) finished first:
+                shutil.rmtree(tmp)                    # same content; replacing it would pull files from its run
+            else:
+                if out_dir.exists():
+                    shutil.rmtree(out_dir)
+                try:
+                    os.replace(tmp, out_dir)
+                except OSError:
+                    if not (out_dir / "manifest.csv").exists():
+                        raise
+                    shutil.rmtree(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -190,7 +190,11 @@ def ensure_synthetic(variant: str = "phe", spec: PhantomSpec = PhantomSpec(), ba
     """Generate the phantom once per (variant, spec) under the work dir and return its data folder.
 
     Written to a temp folder and renamed, so an interrupted generation never leaves a partial dataset.
+    Processes starting together (tuning workers) serialise on a lock file: one generates, the others wait
+    and reuse it (replacing a finished phantom would pull files from under a process reading it).
     """
+    import fcntl
+
     from ichflow.paths import synthetic_dir
 
     writers = {"phe": write_phe, "ctich": write_ctich}
@@ -198,8 +202,13 @@ def ensure_synthetic(variant: str = "phe", spec: PhantomSpec = PhantomSpec(), ba
         raise ValueError(f"unknown synthetic variant {variant!r}; choose from {sorted(writers)}")
     base = Path(base) if base else synthetic_dir()
     target = base / f"{variant}-{spec.digest()}"
-    if not (target / ".complete").exists():
-        base.mkdir(parents=True, exist_ok=True)
+    if (target / ".complete").exists():
+        return target
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base / f".{variant}-{spec.digest()}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():  # another process generated it while we waited
+            return target
         tmp = Path(tempfile.mkdtemp(dir=base, prefix=f".{variant}-"))
         try:
             writers[variant](tmp, spec)
