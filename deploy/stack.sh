@@ -43,6 +43,9 @@ say() { echo "stack: $*" >&2; }
 
 # --- state -------------------------------------------------------------------------------------------
 load_state() {
+    if [ "${1:-}" != create ] && [ ! -f "$STATE/ports.env" ]; then
+        echo "stack: no stack in $STATE (run: deploy/stack.sh up)" >&2; exit 1
+    fi
     mkdir -p "$STATE"
     STATE="$(cd "$STATE" && pwd)"
     mkdir -p "$STATE/pids" "$STATE/logs"
@@ -291,7 +294,7 @@ one() {
 cmd="${1:-}"
 case "$cmd" in
     up)
-        load_state
+        load_state create
         t0=$EPOCHREALTIME
         start_postgres
         start_s3
