@@ -306,10 +306,12 @@ def render_pipeline(sec: dict) -> list[str]:
         t = sec.get("tasks", {}).get(task)
         if not t:
             continue
+        label = task if t.get("mode", sec.get("mode")) == sec.get("mode") else \
+            f"{task} ({t.get('mode')} run, {t.get('measured_at', 'n/a')})"
         if t.get("error"):
-            rows.append([task, "error", "", "", "", "", "", "", t["error"][:120]])
+            rows.append([label, "error", "", "", "", "", "", "", t["error"][:120]])
             continue
-        rows.append([task, fmt(t.get("real_images_per_s")), fmt(t.get("ceiling_images_per_s")),
+        rows.append([label, fmt(t.get("real_images_per_s")), fmt(t.get("ceiling_images_per_s")),
                      f"**{fmt(t.get('ratio'))}**", verdict(t.get("ratio"), GOAL_PIPELINE_RATIO, True),
                      fmt(t.get("ratio_incl_first_epoch")), fmt(t.get("input_only_images_per_s")),
                      f"{t.get('workers', 'n/a')} / {t.get('torch_threads', 'n/a')}", t.get("shape", "")])
@@ -445,6 +447,11 @@ def render_report(results: dict) -> str:
     lines += ["", f"Full suite: `{command()}` (≤ ~20 min); smoke: `{command(quick=True)}`; one section: "
                   f"`--only {'|'.join(SECTIONS)}` (pipeline also `pipeline:<task>`). Raw numbers: "
                   "`reports/benchmarks.json`.", ""]
+    modes = {n: sec.get("mode") for n, sec in results.get("sections", {}).items()}
+    mixed = sorted(n for n, m in modes.items() if m and m != results.get("mode", m))
+    if mixed:
+        lines += [f"Note: section(s) {', '.join(mixed)} come from a different run than the rest (see each section's "
+                  "'Measured' line for its mode and time).", ""]
     lines += ["## Summary", ""] + _table(["figure", "goal", "measured", "verdict"], summary_rows(results))
     for name in SECTIONS:
         sec = results.get("sections", {}).get(name)
