@@ -116,6 +116,8 @@ def run_suite(quick: bool, only: str, models: dict, reports: Path) -> int:
                 sec["tasks"][task] = res
                 if res.get("model_uri") and task not in models:
                     trained[task] = res["model_uri"]
+                results["sections"]["pipeline"] = stamp(sec, "pipeline")
+                _write(results, reports)  # after every task too
             sec["section_seconds"] = time.perf_counter() - t0
             results["sections"]["pipeline"] = stamp(sec, "pipeline")
         else:
