@@ -309,7 +309,11 @@ def render_pipeline(sec: dict) -> list[str]:
         label = task if t.get("mode", sec.get("mode")) == sec.get("mode") else \
             f"{task} ({t.get('mode')} run, {t.get('measured_at', 'n/a')})"
         if t.get("error"):
-            rows.append([label, "error", "", "", "", "", "", "", t["error"][:120]])
+            q = t.get("quick_run") or {}
+            extra = (f" Smoke run ({q.get('measured_at')}): ratio {fmt(q.get('ratio'))}, real "
+                     f"{fmt(q.get('real_images_per_s'))} / ceiling {fmt(q.get('ceiling_images_per_s'))} img/s, input "
+                     f"alone {fmt(q.get('input_only_images_per_s'))} img/s." if q else "")
+            rows.append([label, "error", "", "", "", "", "", "", t["error"][:300] + extra])
             continue
         rows.append([label, fmt(t.get("real_images_per_s")), fmt(t.get("ceiling_images_per_s")),
                      f"**{fmt(t.get('ratio'))}**", verdict(t.get("ratio"), GOAL_PIPELINE_RATIO, True),
@@ -447,6 +451,11 @@ def render_report(results: dict) -> str:
     lines += ["", f"Full suite: `{command()}` (≤ ~20 min); smoke: `{command(quick=True)}`; one section: "
                   f"`--only {'|'.join(SECTIONS)}` (pipeline also `pipeline:<task>`). Raw numbers: "
                   "`reports/benchmarks.json`.", ""]
+    if m.get("note"):
+        lines += [f"Run conditions: {m['note']}.", ""]
+    if results.get("filled_from_quick_run"):
+        lines += ["Taken from the smoke run (`--quick`) because the full run did not reach them before the deadline: "
+                  + ", ".join(results["filled_from_quick_run"]) + ".", ""]
     modes = {n: sec.get("mode") for n, sec in results.get("sections", {}).items()}
     mixed = sorted(n for n, m in modes.items() if m and m != results.get("mode", m))
     if mixed:
@@ -524,6 +533,12 @@ def closing_notes(results: dict) -> list[str]:
             text += "; with no workers it adds to every step"
         if t.get("limit_note"):
             text += f". {t['limit_note']}"
+        r = t.get("ratio")
+        if verdict(r, GOAL_PIPELINE_RATIO, True) == "NOT met" and ratio(ceiling, inp) < 1 - GOAL_PIPELINE_RATIO:
+            text += (f". The input work alone cannot explain the gap: even done serially it would cost "
+                     f"{pct(share)} of a step, not the {pct(1 - ratio(1, 1) * r if r == r else float('nan'))} lost; "
+                     "the loss lies elsewhere in the real path under this run's load (paired per-epoch ratios "
+                     f"{', '.join(fmt(x) for x in t.get('paired_ratios', []))}) and is not diagnosed yet")
         notes.append(text + ".")
     ratios = {t: v.get("ratio") for t, v in secs.get("pipeline", {}).get("tasks", {}).items() if "ratio" in v}
     below = [t for t, r in ratios.items() if verdict(r, GOAL_PIPELINE_RATIO, True) != "met"]
