@@ -29,15 +29,18 @@ def project_dir() -> Path:
 
 
 # Short schedules for the embedded default (quick=true): the whole pipeline in <= 15 min on 2 CPU cores.
-# Measured with the earlier, longer schedule (segmentation 4x40 steps, classification 160 px, tune 96 px) on
-# the shared 2-core machine under load 5-10: 27 min wall, 1126 CPU-seconds; segmentation (~45 % of it) and
-# the study were cut to fit with margin. The step runs log their wall/CPU seconds on the pipeline run.
+# Measured on the shared 2-core machine (others' jobs running, load 5-17, so wall times are inflated; the
+# CPU-seconds are the job's own): the first schedule (segmentation 4x40 steps, classification 160 px, tune at
+# 96 px) took 1126 CPU-s; segmentation 3x25 steps, classification 128 px, tune at 64 px took 1018 CPU-s
+# (segmentation 241, classification 164, detection 107, multilabel 158, tune 291, promotes 23, predict 21).
+# Trimmed once more from there (classification 3 epochs, detection 12, study bootstraps 200): ~900 CPU-s,
+# i.e. <= 15 min even at one busy core. The pipeline run logs each step's wall and CPU seconds.
 QUICK = {
     "segmentation": {"epochs": 3, "steps_per_epoch": 25},
-    "classification": {"epochs": 4, "image_size": 128},
-    "detection": {"epochs": 15},
+    "classification": {"epochs": 3, "image_size": 128},
+    "detection": {"epochs": 12},
     "multilabel": {"epochs": 3, "n_folds": 3},
-    "tune": {"task": "classification", "n_trials": 3, "overrides": "epochs=2,image_size=64"},
+    "tune": {"task": "classification", "n_trials": 3, "overrides": "epochs=2,image_size=64,n_boot=200"},
 }
 # quick=tiny: every step with the smallest schedule that still logs everything (a few minutes on 2 cores):
 # what CI runs to get a store to look at in a browser. The models are not meant to be good.
