@@ -62,3 +62,25 @@ def synthetic_ctich(isolated_env):
     from ichflow.data.synthetic import ensure_synthetic
 
     return ensure_synthetic("ctich")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, request):
+    """The requesting module's own tracking store and registry (its tests move @champion); restored after."""
+    import mlflow
+    from mlflow.tracking import fluent
+
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    old = (os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_EXPERIMENT_ID"), fluent._active_experiment_id)
+    uri = f"sqlite:///{tmp_path_factory.mktemp(name) / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(f"{name}-tests")   # not an experiment id of the session's store
+    yield uri
+    os.environ["MLFLOW_TRACKING_URI"] = old[0]
+    mlflow.set_tracking_uri(old[0])
+    if old[1] is None:
+        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
+    else:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = old[1]
+    fluent._active_experiment_id = old[2]

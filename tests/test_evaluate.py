@@ -28,26 +28,6 @@ NOT_REPRODUCED = {"loss"}
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """This module's own tracking store and registry (the promotion test moves @champion); restored after."""
-    from mlflow.tracking import fluent
-
-    old = (os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_EXPERIMENT_ID"), fluent._active_experiment_id)
-    uri = f"sqlite:///{tmp_path_factory.mktemp('evaluate') / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("evaluate-tests")   # not an experiment id of the session's store
-    yield uri
-    os.environ["MLFLOW_TRACKING_URI"] = old[0]
-    mlflow.set_tracking_uri(old[0])
-    if old[1] is None:
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    else:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = old[1]
-    fluent._active_experiment_id = old[2]
-
-
-@pytest.fixture(scope="module")
 def seg(store):
     from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
 

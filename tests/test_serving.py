@@ -34,26 +34,6 @@ SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_wo
 SLICE_TINY = dict(image_size=64, epochs=1, batch_size=8, num_workers=0)
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """This module's own tracking store and registry (it moves @champion of every model); restored after."""
-    from mlflow.tracking import fluent
-
-    old = (os.environ["MLFLOW_TRACKING_URI"], os.environ.get("MLFLOW_EXPERIMENT_ID"), fluent._active_experiment_id)
-    uri = f"sqlite:///{tmp_path_factory.mktemp('serving') / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("serving-tests")   # not an experiment id of the session's store
-    yield uri
-    os.environ["MLFLOW_TRACKING_URI"] = old[0]
-    mlflow.set_tracking_uri(old[0])
-    if old[1] is None:
-        os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    else:
-        os.environ["MLFLOW_EXPERIMENT_ID"] = old[1]
-    fluent._active_experiment_id = old[2]
-
-
 def _train(task: str) -> dict:
     if task == "segmentation":
         from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
