@@ -34,6 +34,7 @@ CONFIGS = {
 
 
 def _task(name: str):
+    # not ichflow.tuning.task_parts: that imports optuna, which the GPU image lacks and the wheels don't carry
     if name == "segmentation":
         from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
         return SegmentationConfig, train_segmentation

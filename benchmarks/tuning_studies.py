@@ -8,7 +8,7 @@ writes ``reports/tuning_synthetic.json`` and ``reports/tuning_synthetic.md``:
 - worker scaling: the same short study (pruning off, so every trial does the same work) with 1 and with 2
   worker processes; trials per hour and their ratio.
 
-    python benchmarks/tuning_studies.py [--quick]
+    python -m benchmarks.tuning_studies [--quick]
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,18 +28,6 @@ STUDIES = {
 }
 SCALING = {"task": "segmentation", "n_trials": 4, "overrides": "epochs=2,steps_per_epoch=8,patch_size=96,num_workers=0"}
 QUICK = {"n_trials": 3, "overrides_extra": ",epochs=2"}
-
-
-def _machine() -> dict:
-    import torch
-
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "commit": commit,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "load_avg_at_start": os.getloadavg()[0]}
 
 
 def _study(task: str, n_trials: int, overrides: str, n_workers: int, pruner: str, tag: str) -> dict:
@@ -65,9 +51,9 @@ def _study(task: str, n_trials: int, overrides: str, n_workers: int, pruner: str
 def _markdown(res: dict) -> str:
     m = res["machine"]
     lines = ["# Tuning on the synthetic default — measured", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; commit {m['commit']}; {m['date']}; "
-             f"load average at start {m['load_avg_at_start']:.1f} (the machine was shared with other work).",
-             "", "Reproduce: `.venv/bin/python benchmarks/tuning_studies.py` (raw: `tuning_synthetic.json`).", "",
+             f"Machine: {m['cpu_model']}, {m['cpu_cores']} cores, torch {m['torch']}; commit {m['git_commit']}; "
+             f"{m['date_utc']}; load average at start {m['load_average_at_start'][0]:.1f}.",
+             "", "Reproduce: `.venv/bin/python -m benchmarks.tuning_studies` (raw: `tuning_synthetic.json`).", "",
              "## 12-trial studies (median pruner)", "",
              "| task | trials | complete | pruned | failed | trial-epochs run | saved by pruning | wall | best val |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -102,7 +88,9 @@ def main() -> None:
     os.environ.setdefault("ICHFLOW_WORK_DIR", str(REPO / "work"))
     import ichflow  # noqa: F401  (offline environment first)
 
-    res = {"machine": _machine(), "quick": args.quick, "studies": [], "scaling": []}
+    from benchmarks.core import machine_info
+
+    res = {"machine": machine_info(), "quick": args.quick, "studies": [], "scaling": []}
     for task, spec in STUDIES.items():
         n, over = spec["n_trials"], spec["overrides"]
         if args.quick:
