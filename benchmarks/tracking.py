@@ -31,7 +31,7 @@ def run(quick: bool) -> dict:
     from ichflow.data.splits import attach_split
     from ichflow.engine import figures
     from ichflow.engine.device import default_workers, seed_everything
-    from ichflow.engine.trainer import Trainer, default_loss
+    from ichflow.engine.trainer import Trainer, adamw, default_loss
     from ichflow.prepare import prepare_data
     from ichflow.tasks import slice_classifier as sc
     from ichflow.tasks.classification.train import LABEL, ClassificationConfig
@@ -59,7 +59,7 @@ def run(quick: bool) -> dict:
         val_loader = make_loader(sc.SliceDataset(data, rows["val"], y, cfg.in_channels, norm), cfg.batch_size * 2,
                                  shuffle=False, num_workers=cfg.num_workers)
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(sc.prevalence_pos_weight(y[rows["train"]])))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(model, cfg.lr, cfg.weight_decay)
         n_steps = len(loader)
         scheduler = sc.cosine_warmup(optimizer, n_steps * cfg.epochs)
 

@@ -203,3 +203,22 @@ def test_mlflow_run_cli_classification(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["in_channels"] == "1" and "test_f1" in runs[0].data.metrics
     assert "[classification] phe (synthetic)" in proc.stdout
+
+
+def test_adamw_uses_the_fused_kernel_on_cpu_and_matches_the_loop_version():
+    from ichflow.engine.trainer import adamw
+
+    torch.manual_seed(0)
+    models = [torch.nn.Linear(4, 3) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fused = adamw(models[0], 1e-2, 1e-4)
+    loop = torch.optim.AdamW(models[1].parameters(), lr=1e-2, weight_decay=1e-4)
+    assert fused.defaults["fused"] is True
+    x = torch.randn(8, 4)
+    for model, opt in zip(models, (fused, loop)):
+        for _ in range(3):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b)

@@ -20,7 +20,7 @@ import torch
 from ichflow.data.splits import attach_split
 from ichflow.engine import figures
 from ichflow.engine.device import amp_dtype, resolve_device, seed_everything
-from ichflow.engine.trainer import Trainer, default_loss
+from ichflow.engine.trainer import Trainer, adamw, default_loss
 from ichflow.prepare import log_prepared, prepare_data
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.common import TrainConfig, apply_preset, log_config, make_loader, run_folder
@@ -131,7 +131,7 @@ def train_classification(cfg: ClassificationConfig, on_epoch_end=None) -> dict:
                                       shuffle=False, num_workers=cfg.num_workers) for s, r in rows.items() if len(r)}
 
         steps = cfg.steps_per_epoch or len(train_loader)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(model, cfg.lr, cfg.weight_decay)
         scheduler = sc.cosine_warmup(optimizer, steps * cfg.epochs)
         trainer = Trainer(model, optimizer, default_loss(loss_fn), device, amp, scheduler=scheduler)
 

@@ -147,7 +147,7 @@ def train_fasterrcnn(cfg, manifest: pd.DataFrame, table: pd.DataFrame, device: t
     from ichflow.engine.augment import Normalizer
     from ichflow.engine.device import amp_dtype
     from ichflow.engine.slices import neighbour_indices, slice_cache
-    from ichflow.engine.trainer import Trainer
+    from ichflow.engine.trainer import Trainer, adamw
     from ichflow.tasks.common import make_loader
     from ichflow.tasks.detection.metrics import box_metrics, predictions_frame, truths_from_index
     from ichflow.tasks.detection.yolo import EPOCH_PREFIXED
@@ -168,7 +168,7 @@ def train_fasterrcnn(cfg, manifest: pd.DataFrame, table: pd.DataFrame, device: t
     loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
                          drop_last=len(train_ds) > cfg.batch_size)
     loader.collate_fn = collate
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model, cfg.lr, cfg.weight_decay)
     total = max(1, cfg.epochs * len(loader))
     warm = min(total // 10, 3 * len(loader))
     sched = torch.optim.lr_scheduler.LambdaLR(

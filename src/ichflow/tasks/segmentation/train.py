@@ -27,7 +27,7 @@ from ichflow.engine.device import amp_dtype as resolve_amp
 from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.modelio import log_pyfunc
 from ichflow.engine.slices import neighbour_indices, slice_cache
-from ichflow.engine.trainer import FitResult, Trainer, default_loss
+from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
 from ichflow.errors import DataError
 from ichflow.prepare import log_prepared, prepare_data
 from ichflow.tasks.common import TrainConfig, apply_preset, log_config, make_loader, run_folder
@@ -182,7 +182,7 @@ def train_segmentation(cfg: SegmentationConfig, on_epoch_end=None) -> dict:
         loader = make_loader(dataset, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers, seed=cfg.seed,
                              drop_last=True)
         loss_fn = build_loss(cfg.loss)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = adamw(model, cfg.lr, cfg.weight_decay)
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs * cfg.steps_per_epoch,
                                     cfg.warmup_fraction, cfg.lr)
         fixed_threshold = parse_threshold(cfg.threshold)
