@@ -170,6 +170,13 @@ def _results_csv_trainer():
             return text
 
     class ResultsCsvTrainer(DetectionTrainer):
+        def __init__(self, *args, **kwargs):
+            threads = torch.get_num_threads()
+            super().__init__(*args, **kwargs)
+            # Ultralytics' select_device pins CPU training to cpu_count - 1 torch threads: 1 of 2 cores here,
+            # which halves the model's speed (reports/BENCHMARKS.md); train with the threads the process had.
+            torch.set_num_threads(threads)
+
         def read_results_csv(self):
             try:
                 with open(self.csv, newline="") as fh:
