@@ -443,7 +443,10 @@ def render_report(results: dict) -> str:
     m = results.get("machine", {})
     lines = ["# Benchmarks (CPU)", "",
              "Every number below was measured by `benchmarks/` in the run stated; each figure is a ratio of two "
-             "measurements taken back to back in the same run, so it holds on a noisy shared machine.", "",
+             "measurements taken back to back in the same run, so it holds when the machine is uniformly slower. It "
+             "does not hold under CPU oversubscription: with other jobs on the 2 cores (load 12-15) the segmentation "
+             "ratio read 0.495 against 0.867 idle, because the DataLoader worker and the compute threads then wait "
+             "for each other's time slices. Run the suite on an otherwise idle machine.", "",
              "## Machine", ""]
     lines += _table(["CPU", "cores", "RAM GiB", "torch", "python", "date (UTC)", "git commit", "load avg at start"],
                     [[m.get("cpu_model"), m.get("cpu_cores"), m.get("ram_gib"), m.get("torch"), m.get("python"),

@@ -268,8 +268,9 @@ def _run_yolo(cfg, quick: bool) -> dict:
                   "pre-loaded from the same dataset), then divided by how much faster the bare model runs with "
                   "all cores (measured at the end of the run)",
         "limit_note": "On CPU Ultralytics sets workers=0 (its trainer: 'time dominated by inference, not "
-                      "dataloading'), so mosaic + affine augmentation runs in the training process between steps, "
-                      "and importing it pins torch to cpu_count-1 thread(s)",
+                      "dataloading'), so mosaic + affine augmentation runs in the training process between steps; "
+                      "its select_device would also pin torch to cpu_count-1 thread(s), which our trainer undoes "
+                      "(1 of 2 cores halved the model's speed)",
     }
     if by and len(by) > 1:
         out["ceiling_alt"] = {"threads": threads0, "images_per_s": out["ceiling_images_per_s_same_threads"]}

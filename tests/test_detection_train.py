@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import mlflow
 from ichflow.data.images import read_gray
@@ -24,8 +25,10 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
     client = mlflow.MlflowClient()
     exps_before = {e.name for e in client.search_experiments()}
     runs_before = len(_all_runs(client))
-    seen = []
-    res = train_detection(DetectionConfig(**LEARN), on_epoch_end=lambda e, m: seen.append((e, m["val_map50"])))
+    seen, threads = [], torch.get_num_threads()
+    res = train_detection(DetectionConfig(**LEARN), on_epoch_end=lambda e, m: seen.append((e, torch.get_num_threads())))
+    # Ultralytics pins CPU training to cpu_count - 1 threads (1 of 2 cores); we train with all of ours
+    assert {t for _, t in seen} == {threads}
 
     # one run, ours; Ultralytics' MLflow callback opened nothing and logged nothing
     assert len(_all_runs(client)) == runs_before + 1
