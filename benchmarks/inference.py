@@ -10,8 +10,9 @@ process per model (``--env-manager local``, 127.0.0.1, the venv's ``bin`` first 
 together, measured one after the other; payload ``{"inputs": [...]}`` serialised once, the timed part is
 the HTTP request, the server's work and parsing the JSON answer.
 
-Detection is measured last in-process: importing Ultralytics sets torch to ``cpu_count - 1`` threads for the
-whole process (its own policy, which its served model has too); the thread count is recorded per task.
+Detection is measured last in-process (Ultralytics' predictor set-up pins torch to ``cpu_count - 1`` threads;
+our predictor puts the process's count back, but the order keeps older runs comparable); the thread count is
+recorded per task.
 """
 
 from __future__ import annotations

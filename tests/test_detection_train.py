@@ -67,6 +67,7 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
     scan_rows = prep.manifest[prep.manifest["patient_id"] == test_ids.iloc[0]].sort_values("slice_index")
     scan = np.stack([read_gray(p) for p in scan_rows["image_path"]])
     out = model.predict(scan)
+    assert torch.get_num_threads() == threads   # predicting did not slow down the rest of the process
     assert list(out.columns) == ["slice_index", "x1", "y1", "x2", "y2", "score"]
     assert out["slice_index"].between(0, len(scan) - 1).all() and (out["score"] >= res["conf_threshold_used"]).all()
     assert ((out["x2"] > out["x1"]) & (out["y2"] > out["y1"])).all()

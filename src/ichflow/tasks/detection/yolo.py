@@ -236,7 +236,11 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         max_det=cfg.max_det, pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic),
     )
     t0 = time.perf_counter()
-    model.train(trainer=_results_csv_trainer(), **args)
+    threads = torch.get_num_threads()
+    try:
+        model.train(trainer=_results_csv_trainer(), **args)
+    finally:  # its final validation of best.pt sets up a device again, pinning cpu_count - 1 threads
+        torch.set_num_threads(threads)
     seconds = time.perf_counter() - t0
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
@@ -264,6 +268,10 @@ class YoloPredictor:
         from ultralytics import YOLO
 
         self.model = YOLO(str(weights), task="detect")
+        # Setting up its predictor (first call), Ultralytics' select_device pins the whole process to cpu_count - 1
+        # torch threads: every model loaded beside this one would slow down too. Put our count back before batch 1.
+        threads = torch.get_num_threads()
+        self.model.add_callback("on_predict_start", lambda predictor: torch.set_num_threads(threads))
         self.imgsz, self.max_det = int(imgsz), int(max_det)
         self.device = device_arg(torch.device(device) if isinstance(device, str) else device)
 
