@@ -64,7 +64,8 @@ class MultilabelConfig(TrainConfig):
     classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
     model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
     pretrained: str = ""              # '' = from scratch; or the path of a local weights file
-    image_size: int = 128             # default run ~4 min on 2 CPU cores, macro-AUC >= 0.92 (reports/multilabel_synthetic.md)
+    # 128 px: the default run takes ~4 min on 2 CPU cores at macro-AUC >= 0.92 (reports/multilabel_synthetic.md)
+    image_size: int = 128
     batch_size: int = 8
     epochs: int = 18
     patience: int = 8
