@@ -418,8 +418,9 @@ def render_scaling(sec: dict) -> list[str]:
     lines = ["## 5. Scaling with data", "",
              "Wall time of the `prepare` entry point (read, validate, split, write, MLflow logging; median of "
              "repeats) and of one classification training epoch (train pass + validation; 96 px slices; the "
-             "second epoch of the run, the first carries worker start-up) at 1×, 2×, 4× the synthetic phantom (`synthetic_patients`). Goal: cost grows "
-             "linearly, not worse: ratio ≤ size factor, exponent (log-log slope) ≤ 1.", ""]
+             "second epoch of the run, the first carries worker start-up) at 1×, 2×, 4× the synthetic phantom "
+             "(`synthetic_patients`). Goal: cost grows linearly, not worse: ratio ≤ size factor, exponent "
+             "(log-log slope) ≤ 1.", ""]
     lines += _section_head(sec, "scaling")
     rows = []
     for key, label in (("prepare", "prepare"), ("epoch", "one epoch")):
@@ -539,7 +540,7 @@ def closing_notes(results: dict) -> list[str]:
         r = t.get("ratio")
         if verdict(r, GOAL_PIPELINE_RATIO, True) == "NOT met" and ratio(ceiling, inp) < 1 - GOAL_PIPELINE_RATIO:
             text += (f". The input work alone cannot explain the gap: even done serially it would cost "
-                     f"{pct(share)} of a step, not the {pct(1 - ratio(1, 1) * r if r == r else float('nan'))} lost; "
+                     f"{pct(share)} of a step, not the {pct(1 - r)} lost; "
                      "the loss lies elsewhere in the real path under this run's load (paired per-epoch ratios "
                      f"{', '.join(fmt(x) for x in t.get('paired_ratios', []))}) and is not diagnosed yet")
         notes.append(text + ".")

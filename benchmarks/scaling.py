@@ -6,9 +6,9 @@ removed before each call); the phantom itself is generated beforehand, untimed. 
 repeat; median of the repeats.
 
 epoch: the classification entry point (``train_classification``, one pass over the training slices per
-epoch, 96 px slices to keep the 4× run short) for 2 epochs at each size; an epoch's wall time runs from the start of its training pass to the end
-of its validation, metric logging and checkpoint (the ``on_epoch_end`` hook); the second epoch is reported
-(the first carries DataLoader worker start-up).
+epoch, 96 px slices to keep the 4× run short) for 2 epochs at each size; an epoch's wall time runs from the
+start of its training pass to the end of its validation, metric logging and checkpoint (the ``on_epoch_end``
+hook); the second epoch is reported (the first carries DataLoader worker start-up).
 """
 
 from __future__ import annotations

@@ -77,8 +77,8 @@ def summarise_studies(doc: dict) -> dict:
     elif 1 in per_hour and 2 in per_hour:
         headline["trials/hour 2 workers ÷ 1 worker"] = ratio(per_hour[2], per_hour[1])
     m = doc.get("machine", {})
-    figures["measured (tuning file)"] = f"{m.get('date_utc', m.get('date', 'n/a'))}, commit {m.get('git_commit', m.get('commit', 'n/a'))}" + (
-        ", QUICK mode" if doc.get("quick") else "")
+    date, commit = m.get("date_utc", m.get("date", "n/a")), m.get("git_commit", m.get("commit", "n/a"))  # or older keys
+    figures["measured (tuning file)"] = f"{date}, commit {commit}" + (", QUICK mode" if doc.get("quick") else "")
     return {"figures": {**figures, **{k: v for k, v in headline.items()}}, "headline": headline}
 
 

@@ -119,6 +119,11 @@ def _experiment_ids(client):
     return [e.experiment_id for e in client.search_experiments()]
 
 
+def _bucket_keys(s3, prefix="mlflow/") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket="ichflow", Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
 def _wait_for(what, fn, timeout=300, every=0.5):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -230,8 +235,7 @@ def test_two_workers_one_postgres_study_through_the_server(stack, tmp_path):
     # artifacts are in the bucket (the client had no S3 credentials: proxied through the server)
     refit_id = parent.data.tags["ichflow.best_run_id"]
     s3 = stack.s3()
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ichflow", Prefix="mlflow/")
-            for o in page.get("Contents", [])]
+    keys = _bucket_keys(s3)
     assert any(k.endswith(f"{parent.info.run_id}/artifacts/study/trials.csv") for k in keys), keys[:20]
 
     # promotion through the server, and the champion loads from it
@@ -240,8 +244,7 @@ def test_two_workers_one_postgres_study_through_the_server(stack, tmp_path):
     champion = client.get_model_version_by_alias("ich-classification", "champion")
     assert champion.run_id == refit_id
     model_id = getattr(champion, "model_id", None) or champion.source.rstrip("/").split("/")[-1]
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="ichflow", Prefix="mlflow/")
-            for o in page.get("Contents", [])]
+    keys = _bucket_keys(s3)
     assert any(model_id in k and k.endswith("/MLmodel") for k in keys), f"champion {model_id} is not in the bucket"
     load = _run(["-c", "import mlflow, sys; m = mlflow.pyfunc.load_model('models:/ich-classification@champion'); "
                        "print('loaded', m.metadata.run_id)"], env, timeout=300)

@@ -60,7 +60,12 @@ def setup_ultralytics():
             shutil.copyfile(font, tmp)
             os.replace(tmp, folder / name)
     import ultralytics
-    from ultralytics.utils import SETTINGS
+    from ultralytics.utils import SETTINGS, torch_utils
+
+    # its select_device (trainer, final validation, predictor set-up) pins the whole process to cpu_count - 1
+    # torch threads on CPU: 1 of 2 cores here, which halves training speed and slows every model loaded beside
+    # it (reports/BENCHMARKS.md). Keep the process's own count.
+    torch_utils.NUM_THREADS = torch.get_num_threads()
 
     wanted = {k: False for k in _DISABLED}
     wanted.update(runs_dir=str(work_dir() / "runs" / "ultralytics"), weights_dir=str(work_dir() / "weights"),
@@ -170,13 +175,6 @@ def _results_csv_trainer():
             return text
 
     class ResultsCsvTrainer(DetectionTrainer):
-        def __init__(self, *args, **kwargs):
-            threads = torch.get_num_threads()
-            super().__init__(*args, **kwargs)
-            # Ultralytics' select_device pins CPU training to cpu_count - 1 torch threads: 1 of 2 cores here,
-            # which halves the model's speed (reports/BENCHMARKS.md); train with the threads the process had.
-            torch.set_num_threads(threads)
-
         def read_results_csv(self):
             try:
                 with open(self.csv, newline="") as fh:
@@ -236,11 +234,7 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         max_det=cfg.max_det, pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic),
     )
     t0 = time.perf_counter()
-    threads = torch.get_num_threads()
-    try:
-        model.train(trainer=_results_csv_trainer(), **args)
-    finally:  # its final validation of best.pt sets up a device again, pinning cpu_count - 1 threads
-        torch.set_num_threads(threads)
+    model.train(trainer=_results_csv_trainer(), **args)
     seconds = time.perf_counter() - t0
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
@@ -268,10 +262,6 @@ class YoloPredictor:
         from ultralytics import YOLO
 
         self.model = YOLO(str(weights), task="detect")
-        # Setting up its predictor (first call), Ultralytics' select_device pins the whole process to cpu_count - 1
-        # torch threads: every model loaded beside this one would slow down too. Put our count back before batch 1.
-        threads = torch.get_num_threads()
-        self.model.add_callback("on_predict_start", lambda predictor: torch.set_num_threads(threads))
         self.imgsz, self.max_det = int(imgsz), int(max_det)
         self.device = device_arg(torch.device(device) if isinstance(device, str) else device)
 
