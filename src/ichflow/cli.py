@@ -8,7 +8,7 @@ import logging
 import sys
 import typing
 
-from ichflow.errors import DataError
+from ichflow.errors import UserError
 
 
 def _parse_bool(text: str) -> bool:
@@ -46,11 +46,11 @@ def parse_config(config_cls, argv=None):
 
 
 def main_guard(fn, config_cls, argv=None):
-    """Run ``fn(cfg)``; turn a DataError into one clear line on stderr and exit code 2."""
+    """Run ``fn(cfg)``; turn any :class:`~ichflow.errors.UserError` into one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = parse_config(config_cls, argv)
     try:
         return fn(cfg)
-    except DataError as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

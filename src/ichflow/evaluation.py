@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from ichflow.data.images import read_gray
+from ichflow.data.scans import iter_scans  # noqa: F401  (re-exported: evaluate's scan order)
 from ichflow.data.splits import subset
 from ichflow.errors import DataError
 from ichflow.paths import default_data_dir
@@ -125,22 +125,6 @@ def _registered_version(uri: str) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------- the data
-def iter_scans(part: pd.DataFrame):
-    """(patient_id, rows of ``part`` in axial order, (N, H, W) uint8 slices) per patient, patients sorted.
-
-    Slices are decoded exactly as the training cache decodes them (``read_gray``), at native resolution:
-    every model resizes internally, as when it is served.
-    """
-    for pid, group in part.groupby("patient_id", sort=True):
-        group = group.sort_values("slice_index", kind="stable")
-        slices = [read_gray(p) for p in group["image_path"]]
-        shapes = {s.shape for s in slices}
-        if len(shapes) > 1:
-            raise DataError(group["image_path"].iloc[0], f"patient {pid}: slices of different sizes {sorted(shapes)} "
-                                                         "in one scan")
-        yield str(pid), group, np.stack(slices)
-
-
 def load_data(task: str, cfg: DataConfig) -> Prepared:
     """The prepared data a task's model is evaluated on (the subtype task also reads a labels CSV)."""
     if task == "multilabel":

@@ -12,6 +12,16 @@ Fixed layout under the work dir (nothing in it is edited by hand; delete it to r
       prepared/<dataset>-<digest>/         manifest.csv, split.csv, validation_report.{md,json}
       cache/                               decoded slices, YOLO datasets, ... (per task)
       runs/<run_id>/                       checkpoints and scratch of one training run
+        checkpoint_best.pt                 the best epoch's weights (every torch task)
+        model_config.json                  what the logged pyfunc needs besides the weights
+
+Fixed artifact names in every training, evaluate and promote run (``<split>``: train, val, test, oof, eval)::
+
+    eval/<split>_<what>.{csv,json,md,txt}  per-split tables and metric sets (per patient, predictions, ...)
+    figures/<split>_<what>.png             per-split figures (confusion, ROC/PR, overlays, ...)
+    figures/training_<what>.png            figures about the training as a whole
+    data/                                  manifest, split, validation report (``prepare``)
+    model/                                 the pyfunc (``mlflow.pyfunc.log_model``)
       ultralytics/                         Ultralytics settings + font (keeps it offline)
 """
 
@@ -22,6 +32,18 @@ from pathlib import Path
 
 DATA_DIR_ENV = "ICHFLOW_DATA_DIR"
 WORK_DIR_ENV = "ICHFLOW_WORK_DIR"
+
+
+CHECKPOINT = "checkpoint_best.pt"
+MODEL_CONFIG = "model_config.json"
+
+
+def eval_artifact(split: str, what: str, ext: str = "csv") -> str:
+    return f"eval/{split}_{what}.{ext}"
+
+
+def figure_artifact(split: str, what: str) -> str:
+    return f"figures/{split}_{what}.png"
 
 
 def work_dir() -> Path:

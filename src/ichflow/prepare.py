@@ -161,8 +161,3 @@ def _print_summary(prep: Prepared) -> None:
     for kind, n in c["anomalies"].items():
         print(f"  anomaly {kind}: {n}")
     print(f"  written to {prep.out_dir}")
-
-
-def load_prepared(out_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    out_dir = Path(out_dir)
-    return load_manifest(out_dir / "manifest.csv"), pd.read_csv(out_dir / "split.csv", dtype={"patient_id": str})

@@ -229,12 +229,12 @@ def log_params_once(params: dict) -> None:
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
     fresh = {k: v for k, v in params.items() if k not in existing}
     fresh.update({f"resolved.{k}": v for k, v in params.items()
-                  if k in existing and not _same_param(existing[k], v) and f"resolved.{k}" not in existing})
+                  if k in existing and not same_param(existing[k], v) and f"resolved.{k}" not in existing})
     if fresh:
         mlflow.log_params(fresh)
 
 
-def _same_param(logged: str, value) -> bool:
+def same_param(logged: str, value) -> bool:
     """Whether MLflow's string of a param (as ``mlflow run`` rendered it) means ``value``."""
     text = str(logged).strip()
     if text in ("''", '""'):

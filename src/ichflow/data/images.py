@@ -37,15 +37,6 @@ def read_gray(path: str | Path) -> np.ndarray:
     return arr
 
 
-def read_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
-    """Read a 0/255 mask as bool (any non-zero pixel is foreground)."""
-    arr = read_gray(path)
-    if expected_shape is not None and arr.shape != tuple(expected_shape):
-        raise DataError(path, f"mask size {arr.shape[1]}x{arr.shape[0]} != image size "
-                              f"{expected_shape[1]}x{expected_shape[0]}")
-    return arr > 0
-
-
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) after a full decode (so truncation is detected)."""
     arr = read_gray(path)

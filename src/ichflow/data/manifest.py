@@ -44,10 +44,6 @@ def make_manifest(rows: list[dict]) -> pd.DataFrame:
     return df.sort_values(["patient_id", "slice_index"], kind="stable").reset_index(drop=True)
 
 
-def boxes_of(row) -> list[list[float]]:
-    return json.loads(row["boxes"])
-
-
 def save_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     return atomic_write_text(path, df.to_csv(index=False))
 

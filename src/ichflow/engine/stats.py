@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable
 
 import numpy as np
@@ -38,3 +40,9 @@ def patient_bootstrap_ci(frame: pd.DataFrame, metric: Callable[[pd.DataFrame], f
     if not stats:
         return float("nan"), float("nan")
     return float(np.quantile(stats, alpha / 2)), float(np.quantile(stats, 1 - alpha / 2))
+
+
+def finite(metrics: dict) -> dict:
+    """Only the finite numeric entries (what MLflow metrics can hold), as floats."""
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))}

@@ -3,8 +3,10 @@
 One epoch = a pass over the train loader (or ``steps_per_epoch`` batches of it), then ``evaluate(model)``
 on the validation split. Per-epoch metrics go to MLflow with ``step=epoch``; the best checkpoint (by
 ``monitor``) is kept on disk and restored at the end; training stops early after ``patience`` epochs
-without improvement. ``on_epoch_end(epoch, metrics)`` is the hook Optuna pruning uses (it may raise
-``optuna.TrialPruned``; the loop lets it through).
+without improvement, or when the :class:`~ichflow.engine.budget.TimeBudget` says one more epoch would overrun
+(``FitResult.stopped_by_time_budget``). However the loop ends, the best checkpoint is restored.
+``on_epoch_end(epoch, metrics)`` is the hook Optuna pruning uses (it may raise ``optuna.TrialPruned``; the loop
+lets it through after restoring the best checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mlflow
 import torch
 from tqdm.auto import tqdm
 
+from ichflow.engine.budget import TimeBudget
 from ichflow.engine.device import autocast
 
 
@@ -30,6 +33,7 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     stopped_early: bool = False
+    stopped_by_time_budget: bool = False
     checkpoint: str = ""
 
 
@@ -45,7 +49,7 @@ def default_loss(loss_fn: Callable) -> Callable:
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with torch's fused kernel where it exists (CPU, CUDA): one kernel over all parameters instead of a
-    Python loop per tensor; on the 2-core CPU it cuts the optimizer step from 17 to 10 ms for resnet10t."""
+    Python loop per tensor (reports/BENCHMARKS.md)."""
     params = list(model.parameters())
     fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
@@ -102,34 +106,40 @@ class Trainer:
 
     def fit(self, train_loader, evaluate: Callable[[torch.nn.Module], dict], max_epochs: int, monitor: str,
             mode: str = "max", patience: int = 10, checkpoint: str | Path | None = None,
-            steps_per_epoch: int | None = None, on_epoch_end: Callable[[int, dict], None] | None = None) -> FitResult:
+            steps_per_epoch: int | None = None, on_epoch_end: Callable[[int, dict], None] | None = None,
+            budget: TimeBudget | None = None) -> FitResult:
         sign = 1.0 if mode == "max" else -1.0
         best, best_epoch, history = -math.inf, -1, []
         checkpoint = Path(checkpoint) if checkpoint else None
         t_start = time.perf_counter()
+        if budget is not None:
+            budget.start()
         stopped = False
-        for epoch in range(max_epochs):
-            metrics = {"epoch": epoch, **self.train_epoch(train_loader, epoch, steps_per_epoch)}
-            metrics.update(evaluate(self.model))
-            metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-            history.append(metrics)
-            if self.log_to_mlflow:
-                mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
-            score = metrics.get(monitor)
-            if score is None:
-                raise KeyError(f"evaluate() returned no {monitor!r}; got {sorted(metrics)}")
-            if sign * score > best:
-                best, best_epoch = sign * score, epoch
-                if checkpoint:
-                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                    torch.save(self.model.state_dict(), checkpoint)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
-            if epoch - best_epoch >= patience:
-                stopped = True
-                break
-        if checkpoint and checkpoint.exists():
-            self.model.load_state_dict(torch.load(checkpoint, map_location=self.device, weights_only=True))
+        try:
+            for epoch in range(max_epochs):
+                metrics = {"epoch": epoch, **self.train_epoch(train_loader, epoch, steps_per_epoch)}
+                metrics.update(evaluate(self.model))
+                metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+                history.append(metrics)
+                if self.log_to_mlflow:
+                    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                if monitor not in metrics:
+                    raise KeyError(f"evaluate() returned no {monitor!r} to monitor; it returned {sorted(metrics)}")
+                if sign * metrics[monitor] > best:
+                    best, best_epoch = sign * metrics[monitor], epoch
+                    if checkpoint:
+                        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                        torch.save(self.model.state_dict(), checkpoint)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, metrics)
+                if epoch - best_epoch >= patience:
+                    stopped = True
+                    break
+                if budget is not None and budget.should_stop(epoch):
+                    break
+        finally:
+            if checkpoint and checkpoint.exists():
+                self.model.load_state_dict(torch.load(checkpoint, map_location=self.device, weights_only=True))
         return FitResult(best_epoch=best_epoch, best_score=sign * best, epochs_run=len(history), history=history,
                          train_seconds=time.perf_counter() - t_start, stopped_early=stopped,
-                         checkpoint=str(checkpoint or ""))
+                         stopped_by_time_budget=bool(budget and budget.reached), checkpoint=str(checkpoint or ""))

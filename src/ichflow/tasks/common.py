@@ -12,7 +12,8 @@ import torch
 from ichflow.engine.device import default_workers
 from ichflow.paths import runs_dir
 from ichflow.prepare import DataConfig
-from ichflow.tracking import log_params_once
+from ichflow.errors import ParameterError
+from ichflow.tracking import log_params_once, same_param
 
 
 @dataclass
@@ -40,7 +41,7 @@ def apply_preset(cfg, presets: dict[str, dict]):
     if not cfg.preset:
         return cfg
     if cfg.preset not in presets:
-        raise ValueError(f"unknown preset {cfg.preset!r}; available: {sorted(presets)}")
+        raise ParameterError("preset", f"unknown preset {cfg.preset!r}; one of {', '.join(sorted(presets)) or '(none)'}")
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     changes = {k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
     return dataclasses.replace(cfg, **changes)
@@ -48,6 +49,16 @@ def apply_preset(cfg, presets: dict[str, dict]):
 
 def log_config(cfg) -> None:
     log_params_once({k: v for k, v in dataclasses.asdict(cfg).items()})
+
+
+def log_preset_values(cfg, presets: dict[str, dict]) -> None:
+    """A preset changes fields after ``mlflow run`` logged the -P values: record what really ran as
+    ``preset.<name>`` (read back by ``evaluation.data_config_from_run``)."""
+    if not cfg.preset:
+        return
+    params = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    log_params_once({f"preset.{k}": getattr(cfg, k) for k in presets[cfg.preset]
+                     if not same_param(params.get(k), getattr(cfg, k))})
 
 
 def run_folder() -> Path:

@@ -31,7 +31,7 @@ def _param(params: dict, key: str, default, cast):
 
 def slice_scores(pyfunc, part: pd.DataFrame, column: str) -> pd.DataFrame:
     """(row, patient_id, slice_index, y, score) per slice of ``part``; ``column`` of the pyfunc output."""
-    from ichflow.evaluation import iter_scans
+    from ichflow.data.scans import iter_scans
 
     frames = []
     for pid, group, slices in iter_scans(part):

@@ -45,7 +45,7 @@ def _param(params: dict, key: str, default: int) -> int:
 
 def predict_boxes(pyfunc, part: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
     """(boxes xyxy, scores) per row of ``part`` (reset index), each scan predicted as one input."""
-    from ichflow.evaluation import iter_scans
+    from ichflow.data.scans import iter_scans
 
     outputs: list = [(np.zeros((0, 4)), np.zeros(0))] * len(part)
     for pid, group, slices in iter_scans(part):

@@ -53,7 +53,7 @@ def check_data(model, part: pd.DataFrame) -> None:
 
 def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     """Log the subtype metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
-    from ichflow.evaluation import iter_scans
+    from ichflow.data.scans import iter_scans
 
     check_data(model, part)
     classes, thresholds = _classes_and_thresholds(model)

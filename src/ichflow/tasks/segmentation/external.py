@@ -39,7 +39,7 @@ def _truth(group: pd.DataFrame, shape) -> np.ndarray:
 
 def split_stats(model, part: pd.DataFrame, thresholds) -> SplitStats:
     """Counts of every patient of ``part`` at every threshold, from the pyfunc's whole-scan probabilities."""
-    from ichflow.evaluation import iter_scans
+    from ichflow.data.scans import iter_scans
 
     thresholds = np.asarray(thresholds, float)
     patients, counts, s_truth, s_pred, s_patient, s_index, examples = [], [], [], [], [], [], {}

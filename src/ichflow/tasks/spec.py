@@ -1,0 +1,69 @@
+"""The task registry: every place that needs "the list of tasks" looks it up here.
+
+A :class:`TaskSpec` says what a task is (registered model name, target, headline metric, which readers
+feed it) and where its code lives (config class, training entry, report and external-evaluation glue),
+as import paths resolved on first use, so importing this module stays cheap (``--help``, the registry).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ichflow.errors import ParameterError
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str                 # entry point and experiment suffix (ichflow-<name>)
+    registered_name: str      # Model Registry name
+    package: str              # ichflow.tasks.<name>: config, train function, ``report`` and ``external`` modules
+    config_name: str          # the dataclass of its parameters
+    train_name: str           # ``train_<name>(cfg, on_epoch_end=None) -> TaskResult``
+    target: str               # what the model predicts (logged as tag ichflow.target)
+    label_column: str         # manifest column its MLflow dataset inputs are labelled with
+    objective: str            # validation metric the task selects on (checkpoints, tuning)
+    headline: tuple[str, ...]  # metric names (without split prefix) a summary shows, most important first
+    readers: tuple[str, ...]  # data readers that carry its labels
+    synthetic_dataset: str    # the phantom it trains on when no data folder is given
+
+    def config_class(self):
+        return getattr(importlib.import_module(self.package), self.config_name)
+
+    def train_function(self):
+        return getattr(importlib.import_module(self.package), self.train_name)
+
+    def external(self):
+        """Module with ``check_data(model, part)`` and ``evaluate_external(model, part, prefix)``."""
+        return importlib.import_module(f"{self.package}.external")
+
+
+TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
+    TaskSpec("segmentation", "ich-segmentation", "ichflow.tasks.segmentation", "SegmentationConfig",
+             "train_segmentation", target="phe", label_column="mask_path", objective="val_dice",
+             headline=("dice", "dice_median", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
+             readers=("phe",), synthetic_dataset="synthetic"),
+    TaskSpec("classification", "ich-classification", "ichflow.tasks.classification", "ClassificationConfig",
+             "train_classification", target="bleed", label_column="has_lesion", objective="val_roc_auc",
+             headline=("f1", "recall", "precision", "roc_auc", "patient_f1"), readers=("phe", "ctich"),
+             synthetic_dataset="synthetic"),
+    TaskSpec("detection", "ich-detection", "ichflow.tasks.detection", "DetectionConfig", "train_detection",
+             target="lesion_box", label_column="has_lesion", objective="val_map50",
+             headline=("map50", "map50_95", "slice_f1", "slice_recall"), readers=("phe",),
+             synthetic_dataset="synthetic"),
+    TaskSpec("multilabel", "ich-subtypes", "ichflow.tasks.multilabel", "MultilabelConfig", "train_multilabel",
+             target="subtypes", label_column="IVH", objective="val_macro_auc",
+             headline=("macro_auc", "macro_f1", "micro_f1"), readers=("ctich",),
+             synthetic_dataset="synthetic-ctich"),
+)}
+
+
+def task_spec(name: str, parameter: str = "task") -> TaskSpec:
+    """The spec of task ``name``; an unknown name is a :class:`ParameterError` naming ``parameter``."""
+    if name not in TASKS:
+        raise ParameterError(parameter, f"unknown task {name!r}; one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def spec_by_model_name(model_name: str) -> TaskSpec | None:
+    return next((s for s in TASKS.values() if s.registered_name == model_name), None)
