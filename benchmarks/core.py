@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Iterable
 
 REPO = Path(__file__).resolve().parents[1]
+from ichflow.tasks.spec import TASKS as TASK_SPECS
 
 # Goals of the issue (the figures themselves are always measured).
 GOAL_PIPELINE_RATIO = 0.8      # input pipeline / model ceiling, >=
 GOAL_TRACKING_OVERHEAD = 0.02  # extra epoch time with MLflow logging, <=
 
 SECTIONS = ("pipeline", "tracking", "tuning", "inference", "scaling")
-TASKS = ("segmentation", "classification", "detection", "multilabel")
+TASKS = tuple(TASK_SPECS)
 
 
 # ------------------------------------------------------------------------------------------- statistics

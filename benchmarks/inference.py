@@ -29,7 +29,6 @@ from pathlib import Path
 
 from benchmarks.core import TASKS, percentile
 
-ORDER = ("segmentation", "classification", "multilabel", "detection")
 
 
 def tiny_config(task: str):
@@ -103,7 +102,7 @@ def run(quick: bool, models: dict) -> dict:
     single = np.ascontiguousarray(scan[len(scan) // 2: len(scan) // 2 + 1])
     out: dict = {"tasks": {}, "calls": n_single, "scan_calls": n_scan, "scan_shape": list(scan.shape)}
     uris = {}
-    for task in ORDER:
+    for task in TASKS:
         entry = out["tasks"].setdefault(task, {})
         try:
             if models.get(task):
@@ -149,7 +148,7 @@ def run(quick: bool, models: dict) -> dict:
             if all(t in ready or servers[t][0].poll() is not None for t in servers):
                 break
             time.sleep(0.5)
-        for task in ORDER:
+        for task in TASKS:
             if task not in servers:
                 continue
             proc, port, t_start, log = servers[task]

@@ -34,10 +34,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ichflow.tasks.spec import TASKS as TASK_SPECS
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--virtual-time-budget=15000",
                   "--window-size=1440,1000", "--hide-scrollbars"]
-TASKS = ("segmentation", "classification", "detection", "multilabel")
+TASKS = tuple(TASK_SPECS)
 
 
 def find_chromium(explicit: str = "") -> str:
@@ -135,10 +137,8 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
                       f"{run.info.run_id}/artifacts/{fig}", "expect": [Path(fig).name, f'alt="{fig}"'],
                       "run_id": run.info.run_id})
 
-    from ichflow.registry import MODEL_NAMES
-
     for task in tasks:
-        name = MODEL_NAMES[task]
+        name = TASK_SPECS[task].registered_name
         try:
             champ = client.get_model_version_by_alias(name, "champion")
         except MlflowException:

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from ichflow.data.images import read_gray
-from ichflow.errors import DataError
+from ichflow.errors import DataError, UserError
 from ichflow.evaluation import EvaluateConfig, run_evaluate
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.registry import PromoteConfig, load_rule, run_promote
@@ -169,7 +169,7 @@ def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
     other = prepare_data(DataConfig(split_seed=7))
     assert other.split_digest != client.get_run(seg["run_id"]).data.tags["ichflow.split_digest"]
     # data that no longer gives the candidate's split: a clear refusal, nothing moved
-    with pytest.raises(ValueError, match="cannot rebuild the test split"):
+    with pytest.raises(UserError, match="cannot rebuild the test split"):
         run_promote(PromoteConfig(task="segmentation", run_id=_candidate(7, "0123456789ab", 1.0)))
     assert str(client.get_model_version_by_alias("ich-segmentation", "champion").version) == str(seg["model_version"])
 

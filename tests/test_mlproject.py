@@ -12,18 +12,25 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ichflow.tasks.spec import TASKS
+
 MLPROJECT = yaml.safe_load((Path(__file__).resolve().parents[1] / "MLproject").read_text())
-CONFIGS = {
+OTHER_ENTRIES = {
     "prepare": ("ichflow.prepare", "DataConfig"),
-    "segmentation": ("ichflow.tasks.segmentation", "SegmentationConfig"),
-    "classification": ("ichflow.tasks.classification.train", "ClassificationConfig"),
-    "detection": ("ichflow.tasks.detection", "DetectionConfig"),
-    "multilabel": ("ichflow.tasks.multilabel.train", "MultilabelConfig"),
     "tune": ("ichflow.tuning", "TuneConfig"),
     "evaluate": ("ichflow.evaluation", "EvaluateConfig"),
     "predict": ("ichflow.serving", "PredictConfig"),
     "promote": ("ichflow.registry", "PromoteConfig"),
+    "history": ("ichflow.registry", "HistoryConfig"),
+    "main": ("ichflow.pipeline", "PipelineConfig"),
 }
+
+
+def _config_class(entry: str):
+    if entry in TASKS:
+        return TASKS[entry].config_class()
+    module, name = OTHER_ENTRIES[entry]
+    return getattr(importlib.import_module(module), name)
 
 
 def _same(mlproject_default, value) -> bool:
@@ -34,10 +41,13 @@ def _same(mlproject_default, value) -> bool:
     return str(mlproject_default if mlproject_default is not None else "") == str(value)
 
 
-@pytest.mark.parametrize("entry", sorted(CONFIGS))
+def test_every_entry_point_is_checked():
+    assert set(MLPROJECT["entry_points"]) == set(TASKS) | set(OTHER_ENTRIES)
+
+
+@pytest.mark.parametrize("entry", sorted(set(TASKS) | set(OTHER_ENTRIES)))
 def test_entry_point_defaults_match_the_config(entry):
-    module, name = CONFIGS[entry]
-    cls = getattr(importlib.import_module(module), name)
+    cls = _config_class(entry)
     params = MLPROJECT["entry_points"][entry]["parameters"]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     assert set(params) <= set(fields), f"{entry}: MLproject params without a config field"

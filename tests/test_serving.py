@@ -26,7 +26,7 @@ from ichflow.data.images import read_gray
 from ichflow.errors import DataError
 from ichflow.paths import work_dir
 from ichflow.prepare import DataConfig, prepare_data
-from ichflow.registry import MODEL_NAMES
+from ichflow.tasks.spec import TASKS as SPECS
 from ichflow.serving import PredictConfig, discover_scans, run_predict
 
 TASKS = ("segmentation", "classification", "detection", "multilabel")
@@ -60,7 +60,7 @@ def champion(store):
     def get(task: str) -> dict:
         if task not in trained:
             res = _train(task)
-            mlflow.MlflowClient().set_registered_model_alias(MODEL_NAMES[task], "champion", str(res["model_version"]))
+            mlflow.MlflowClient().set_registered_model_alias(SPECS[task].registered_name, "champion", str(res["model_version"]))
             trained[task] = res
         return trained[task]
 
@@ -68,7 +68,7 @@ def champion(store):
 
 
 def _uri(task: str) -> str:
-    return f"models:/{MODEL_NAMES[task]}@champion"
+    return f"models:/{SPECS[task].registered_name}@champion"
 
 
 def _scan(task: str, n: int = 3) -> np.ndarray:
@@ -185,7 +185,7 @@ def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
 def test_champion_predicts_what_the_training_checkpoint_predicts(champion, task):
     res = champion(task)
     model = mlflow.pyfunc.load_model(_uri(task))
-    info = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAMES[task], "champion")
+    info = mlflow.MlflowClient().get_model_version_by_alias(SPECS[task].registered_name, "champion")
     assert info.run_id == res["run_id"] and model.metadata.metadata["task"] == task
     arr = _scan(task)
     _assert_same(task, model.predict(arr, params=PARAMS.get(task)), _checkpoint_predict(task, res, arr))

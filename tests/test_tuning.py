@@ -3,12 +3,14 @@
 Trials train the real classification task on the synthetic phantom at a tiny size (64², 2 epochs).
 """
 
+import dataclasses
 import textwrap
 
 import mlflow
 import optuna
 import pytest
 
+from ichflow.tasks.spec import TASKS
 from ichflow.tuning import TuneConfig, load_space, open_storage, run_tune, shares
 
 TINY = "image_size=64,epochs=2,batch_size=16,n_boot=0,gradcam_per_group=0,in_channels=1"
@@ -26,17 +28,27 @@ def _parent_of_last_tune():
     return client.search_runs(exps, "tags.`ichflow.task` = 'tune'", order_by=["attributes.start_time DESC"])[0]
 
 
-@pytest.mark.parametrize("task", ["segmentation", "classification", "detection", "multilabel"])
-def test_search_spaces_sample_within_bounds(task):
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_search_spaces_sample_within_their_own_bounds_and_name_real_parameters(task):
+    """Every sampled value lies in the distribution the space declared; every returned key is a task parameter."""
     space = load_space(task)
+    fields = {f.name for f in dataclasses.fields(TASKS[task].config_class())}
+    assert set(space.FIXED) <= fields
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(20):
         trial = study.ask()
         params = space.suggest(trial)
-        assert 1e-5 <= params["lr"] <= 5e-2
-        assert 0.0 <= params["aug_strength"] <= 1.0
+        assert set(params) <= fields, f"{task}: suggest() returns names that are not parameters"
         study.tell(trial, 0.0)
-    assert isinstance(space.MONITOR, str) and space.MONITOR.startswith("val_")
+        frozen = study.trials[-1]
+        assert frozen.distributions, f"{task}: the space suggested nothing"
+        for name, dist in frozen.distributions.items():
+            value = frozen.params[name]
+            if isinstance(dist, optuna.distributions.CategoricalDistribution):
+                assert value in dist.choices
+            else:
+                assert dist.low <= value <= dist.high, (name, value, dist)
+    assert space.MONITOR == TASKS[task].objective  # the pruner watches what the task selects on
 
 
 def test_shares_sum_exactly():

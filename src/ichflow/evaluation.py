@@ -38,18 +38,16 @@ from mlflow.exceptions import MlflowException
 
 from ichflow.data.scans import iter_scans  # noqa: F401  (re-exported: evaluate's scan order)
 from ichflow.data.splits import subset
-from ichflow.errors import DataError
+from ichflow.errors import DataError, ParameterError, UserError, check_choice
 from ichflow.paths import default_data_dir
 from ichflow.prepare import DataConfig, Prepared, log_prepared, prepare_data
+from ichflow.tasks.spec import TASKS, task_spec
 from ichflow.tracking import log_params_once, task_run
 
 log = logging.getLogger(__name__)
 
-TASKS = ("segmentation", "classification", "multilabel", "detection")
 PATIENTS = ("all", "test")
 PREFIX = "eval"
-# the manifest column each task's dataset inputs are labelled with (as in the training runs)
-TARGETS = {"segmentation": "mask_path", "classification": "has_lesion", "detection": "has_lesion"}
 _DATA_FIELDS = {f.name: f for f in dataclasses.fields(DataConfig)}
 
 
@@ -85,17 +83,17 @@ def load_model(model_uri: str) -> LoadedModel:
     """Load an ichflow pyfunc; a clear DataError when the URI is wrong or the model is not ours."""
     uri = str(model_uri or "").strip()
     if not uri:
-        raise DataError("parameter model_uri", "empty; give e.g. models:/ich-segmentation@champion or runs:/<id>/model")
+        raise ParameterError("model_uri", "empty; give e.g. models:/ich-segmentation@champion or runs:/<id>/model")
     try:
         model = mlflow.pyfunc.load_model(uri)
     except (MlflowException, OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError("parameter model_uri", f"cannot load {uri!r}: {first}") from None
+        raise ParameterError("model_uri", f"cannot load {uri!r}: {first}") from None
     meta = dict(model.metadata.metadata or {})
     task = meta.get("task")
     if task not in TASKS:
-        raise DataError("parameter model_uri", f"{uri!r} is not an ichflow model: its MLflow metadata has "
-                                               f"task={task!r}, expected one of {TASKS}")
+        raise ParameterError("model_uri", f"{uri!r} is not an ichflow model: its MLflow metadata has "
+                                          f"task={task!r}, expected one of {', '.join(TASKS)}")
     loaded = LoadedModel(uri=uri, pyfunc=model, task=task, meta=meta, run_id=model.metadata.run_id or "")
     loaded.name, loaded.version = _registered_version(uri)
     if loaded.run_id:
@@ -137,20 +135,19 @@ def load_data(task: str, cfg: DataConfig) -> Prepared:
 
 def _data_config(task: str, cfg: EvaluateConfig) -> DataConfig:
     values = {k: getattr(cfg, k) for k in _DATA_FIELDS}
-    if task == "multilabel" and cfg.dataset == "auto" and not (cfg.data_dir or default_data_dir()):
-        # the subtype model needs subtype labels: the CT-ICH-like phantom (as its training default)
-        from ichflow.tasks.multilabel.train import MultilabelConfig
-
-        values["dataset"] = "synthetic-ctich"
-        for key in ("synthetic_patients", "synthetic_slices"):   # the phantom the subtype task trains on
+    spec = task_spec(task)
+    if spec.synthetic_dataset != "synthetic" and cfg.dataset == "auto" and not (cfg.data_dir or default_data_dir()):
+        # no data folder: the phantom the task trains on by default (the subtype task needs subtype labels)
+        task_defaults = spec.config_class()()
+        values["dataset"] = spec.synthetic_dataset
+        for key in ("synthetic_patients", "synthetic_slices"):
             if getattr(cfg, key) == _DATA_FIELDS[key].default:
-                values[key] = getattr(MultilabelConfig, key)
+                values[key] = getattr(task_defaults, key)
     return DataConfig(**values)
 
 
 def select_patients(prep: Prepared, patients: str) -> pd.DataFrame:
-    if patients not in PATIENTS:
-        raise DataError("parameter patients", f"must be one of {PATIENTS}, got {patients!r}")
+    check_choice("patients", patients, PATIENTS)
     part = prep.manifest if patients == "all" else subset(prep.manifest, prep.split, "test")
     if part.empty:
         raise DataError(prep.data_root, f"no patients to evaluate (patients={patients}): "
@@ -172,14 +169,7 @@ def evaluate_model_on(model_uri, manifest_part: pd.DataFrame, prefix: str = PREF
     part = manifest_part.reset_index(drop=True)
     if part.empty:
         raise DataError("data", "no slices to evaluate")
-    return _glue(model.task).evaluate_external(model, part, prefix)  # checks the data first
-
-
-def _glue(task: str):
-    """The task's ``external`` module: ``check_data(model, part)`` and ``evaluate_external(model, part, prefix)``."""
-    import importlib
-
-    return importlib.import_module(f"ichflow.tasks.{task}.external")
+    return task_spec(model.task).external().evaluate_external(model, part, prefix)  # checks the data first
 
 
 def _log_evaluated_input(prep: Prepared, part: pd.DataFrame, task: str, patients: str) -> None:
@@ -188,7 +178,7 @@ def _log_evaluated_input(prep: Prepared, part: pd.DataFrame, task: str, patients
     with warnings.catch_warnings():  # "source can be interpreted in multiple ways"; int-column schema hints
         warnings.simplefilter("ignore")
         src = resolve_dataset_source(str(prep.data_root))
-        target = TARGETS.get(task) or next((c for c in ("IVH", "has_lesion") if c in part.columns), None)
+        target = next((c for c in (task_spec(task).label_column, "has_lesion") if c in part.columns), None)
         ds = mlflow.data.from_pandas(part, source=src, name=f"{prep.dataset}-evaluated-{patients}",
                                     targets=target)
         mlflow.log_input(ds, context="evaluation")
@@ -197,7 +187,7 @@ def _log_evaluated_input(prep: Prepared, part: pd.DataFrame, task: str, patients
 def _evaluate_in_run(model: LoadedModel, prep: Prepared, part: pd.DataFrame, patients: str,
                      run_name: str) -> tuple[str, dict]:
     try:
-        _glue(model.task).check_data(model, part)  # before a run is opened
+        task_spec(model.task).external().check_data(model, part)  # before a run is opened
     except DataError as exc:
         raise DataError(prep.data_root if exc.path == "data" else exc.path, exc.problem) from None
     with task_run("evaluate", run_name=run_name, tags={"ichflow.evaluated_task": model.task}) as run:
@@ -205,7 +195,7 @@ def _evaluate_in_run(model: LoadedModel, prep: Prepared, part: pd.DataFrame, pat
                          "model_run_id": model.run_id, "task": model.task, "patients": patients,
                          "evaluated_patients": int(part["patient_id"].nunique()), "evaluated_slices": len(part)})
         mlflow.set_tags({"ichflow.model_uri": model.uri, "ichflow.model_run_id": model.run_id})
-        log_prepared(prep, target=TARGETS.get(model.task, "has_lesion"))
+        log_prepared(prep, target=task_spec(model.task).label_column)
         _log_evaluated_input(prep, part, model.task, patients)
         metrics = evaluate_model_on(model, part, PREFIX)
         return run.info.run_id, metrics
@@ -213,8 +203,7 @@ def _evaluate_in_run(model: LoadedModel, prep: Prepared, part: pd.DataFrame, pat
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Entry point body: load the model, read the data, evaluate, log; returns run_id, task and eval_* metrics."""
-    if cfg.patients not in PATIENTS:
-        raise DataError("parameter patients", f"must be one of {PATIENTS}, got {cfg.patients!r}")
+    check_choice("patients", cfg.patients, PATIENTS)
     model = load_model(cfg.model_uri)
     prep = load_data(model.task, _data_config(model.task, cfg))
     part = select_patients(prep, cfg.patients)
@@ -249,7 +238,7 @@ def candidate_test_part(task: str, run) -> tuple[Prepared, pd.DataFrame]:
     tags = run.data.tags
     expected = tags.get("ichflow.prepare_split_digest") or tags.get("ichflow.split_digest", "")
     if expected and prep.split_digest != expected:
-        raise ValueError(f"cannot rebuild the test split of candidate run {run.info.run_id}: its data parameters "
+        raise UserError(f"cannot rebuild the test split of candidate run {run.info.run_id}: its data parameters "
                          f"now give split digest {prep.split_digest} at {prep.data_root}, the run was tested on "
                          f"{expected} (data changed or moved?)")
     return prep, select_patients(prep, "test")
@@ -264,7 +253,7 @@ def champion_evaluator(task: str, metric_names=None):
     def evaluate_champion(model_uri: str, candidate_run) -> dict:
         model = load_model(model_uri)
         if model.task != task:
-            raise ValueError(f"champion {model_uri} is a {model.task} model, not {task}")
+            raise UserError(f"champion {model_uri} is a {model.task} model, not {task}")
         prep, part = candidate_test_part(task, candidate_run)
         _, metrics = _evaluate_in_run(model, prep, part, "test",
                                       run_name=f"evaluate-champion-v{model.version or '?'}-{task}")
@@ -279,19 +268,13 @@ def champion_evaluator(task: str, metric_names=None):
 
 
 # ------------------------------------------------------------------------------------------------- summary
-_HEADLINE = {"segmentation": ("dice", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
-             "classification": ("f1", "recall", "precision", "roc_auc", "patient_f1"),
-             "multilabel": ("macro_auc", "macro_f1", "micro_f1"),
-             "detection": ("map50", "map50_95", "slice_f1", "slice_recall")}
-
-
 def _print_summary(model: LoadedModel, label: str, prep: Prepared, part: pd.DataFrame, patients: str, run_id: str,
                    metrics: dict) -> None:
     print(f"[evaluate] {model.task} model {label} on {prep.dataset} ({prep.source}) at {prep.data_root}: "
           f"{part['patient_id'].nunique()} patients, {len(part)} slices (patients={patients}, split "
           f"{prep.split_digest})")
     parts = []
-    for key in _HEADLINE[model.task]:
+    for key in task_spec(model.task).headline:
         v = metrics.get(f"{PREFIX}_{key}")
         if v is None:
             continue

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import mlflow
 
+from ichflow.errors import ParameterError
+from ichflow.tasks.spec import TASKS
 from ichflow.tracking import log_params_once, task_run
-
 
 
 def project_dir() -> Path:
@@ -28,13 +29,8 @@ def project_dir() -> Path:
                             "the project folder (mlflow run .)")
 
 
-# Short schedules for the embedded default (quick=true): the whole pipeline in <= 15 min on 2 CPU cores.
-# Measured on the shared 2-core machine (others' jobs running, load 5-17, so wall times are inflated; the
-# CPU-seconds are the job's own): the first schedule (segmentation 4x40 steps, classification 160 px, tune at
-# 96 px) took 1126 CPU-s; segmentation 3x25 steps, classification 128 px, tune at 64 px took 1018 CPU-s
-# (segmentation 241, classification 164, detection 107, multilabel 158, tune 291, promotes 23, predict 21).
-# Trimmed once more from there (classification 3 epochs, detection 12, study bootstraps 200): ~900 CPU-s,
-# i.e. <= 15 min even at one busy core. The pipeline run logs each step's wall and CPU seconds.
+# Short schedules for the embedded default (quick=true): the whole pipeline in <= 15 min on 2 CPU cores
+# (the pipeline run logs each step's wall and CPU seconds; measured figures are in reports/BENCHMARKS.md).
 QUICK = {
     "segmentation": {"epochs": 3, "steps_per_epoch": 25},
     "classification": {"epochs": 3, "image_size": 128},
@@ -52,8 +48,6 @@ TINY = {
     "tune": {"task": "classification", "n_trials": 2, "overrides": "epochs=1,image_size=64,n_boot=50"},
 }
 PROFILES = {"true": QUICK, "tiny": TINY, "false": {}}
-TASKS_BY_READER = {"phe": ("segmentation", "classification", "detection"),
-                   "ctich": ("classification", "multilabel")}
 
 
 @dataclass
@@ -70,7 +64,7 @@ def profile(quick) -> dict:
     key = str(quick).strip().lower()
     key = {"1": "true", "yes": "true", "0": "false", "no": "false"}.get(key, key)
     if key not in PROFILES:
-        raise ValueError(f"quick must be true, false or tiny, got {quick!r}")
+        raise ParameterError("quick", f"must be true, false or tiny; got {quick!r}")
     return PROFILES[key]
 
 
@@ -93,23 +87,27 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def tasks_for_reader(reader: str) -> tuple[str, ...]:
+    """The tasks whose labels a data folder read by ``reader`` carries."""
+    return tuple(name for name, spec in TASKS.items() if reader in spec.readers)
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     from ichflow.prepare import DataConfig, resolve_source
 
+    schedules = profile(cfg.quick)  # a bad value fails before any run starts
     runs: dict[str, str] = {}
-    schedules = profile(cfg.quick)
     t0, cpu0 = time.perf_counter(), _children_cpu()
     with task_run("pipeline", run_name="pipeline") as parent:
         log_params_once({"data_dir": cfg.data_dir, "dataset": cfg.dataset, "quick": cfg.quick})
         data = {"data_dir": cfg.data_dir, "dataset": cfg.dataset}
         runs["prepare"] = _step("prepare", data, "ichflow-prepare")
         reader = "phe" if not cfg.data_dir else resolve_source(DataConfig(**data))[0]
-        tasks = ("segmentation", "classification", "detection", "multilabel") if not cfg.data_dir \
-            else TASKS_BY_READER[reader]
+        tasks = tuple(TASKS) if not cfg.data_dir else tasks_for_reader(reader)
         for task in tasks:
             params = dict(data)
-            if task == "multilabel" and not cfg.data_dir:
-                params["dataset"] = "synthetic-ctich"
+            if not cfg.data_dir and TASKS[task].synthetic_dataset != "synthetic":  # the subtype phantom
+                params["dataset"] = TASKS[task].synthetic_dataset
             params.update(schedules.get(task, {}))
             runs[task] = _step(task, params, f"ichflow-{task}")
         tune = {**data, **schedules.get("tune", {"task": tasks[0]})}

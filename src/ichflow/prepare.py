@@ -8,9 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from ichflow.data.manifest import load_manifest, save_manifest
 from ichflow.data.report import ValidationReport
 from ichflow.data.splits import split_patients
 from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
-from ichflow.errors import DataError
+from ichflow.engine.files import atomic_dir
+from ichflow.errors import DataError, ParameterError, check_choice, check_range
 from ichflow.paths import default_data_dir, prepared_dir
 from ichflow.tracking import frame_digest, log_dataset_inputs, log_params_once, task_run
 
@@ -61,10 +60,22 @@ class Prepared:
         return frame_digest(self.split[["patient_id", "split", "fold"]])
 
 
+def validate_data_config(cfg: DataConfig, datasets: tuple[str, ...] = DATASETS) -> None:
+    """The data parameters of every entry point, checked before anything is read or a run is opened."""
+    check_choice("dataset", cfg.dataset, datasets)
+    check_range("val_fraction", cfg.val_fraction, 0.0, 1.0, high_open=True)
+    check_range("test_fraction", cfg.test_fraction, 0.0, 1.0, high_open=True)
+    if cfg.val_fraction + cfg.test_fraction >= 1.0:
+        raise ParameterError("val_fraction/test_fraction", f"together {cfg.val_fraction + cfg.test_fraction:g}: "
+                                                           "must leave patients for training (sum < 1)")
+    check_range("n_folds", cfg.n_folds, 2)
+    check_range("synthetic_patients", cfg.synthetic_patients, 3)
+    check_range("synthetic_slices", cfg.synthetic_slices, 1)
+
+
 def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
     """(reader, 'synthetic'|'real', folder) for a config; generates the phantom when needed."""
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}, got {cfg.dataset!r}")
+    validate_data_config(cfg)
     data_dir = cfg.data_dir or (default_data_dir() if not cfg.dataset.startswith("synthetic") else "")
     if cfg.dataset.startswith("synthetic") or not data_dir:
         if cfg.dataset in ("phe", "ctich"):
@@ -92,34 +103,21 @@ def prepare_data(cfg: DataConfig) -> Prepared:
     reader, source, folder = resolve_source(cfg)
     manifest, report = READERS[reader](folder)
     test_f, val_f = cfg.test_fraction, cfg.val_fraction
-    split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
-                           n_folds=cfg.n_folds)
-    key = frame_digest(manifest) + frame_digest(split)
-    out_dir = prepared_dir() / f"{reader}-{source}-{key[:12]}"
+    try:
+        split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
+                               n_folds=cfg.n_folds)
+    except ValueError as exc:  # too few patients for the requested splits
+        raise DataError(folder, f"{exc}; lower val_fraction/test_fraction or add patients") from None
+    key = hashlib.sha256((frame_digest(manifest) + frame_digest(split)).encode()).hexdigest()[:12]
+    out_dir = prepared_dir() / f"{reader}-{source}-{key}"   # the manifest AND the split name the folder
     if not (out_dir / "manifest.csv").exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".prep-"))
-        try:
+        with atomic_dir(out_dir) as tmp:  # a concurrent writer (tuning worker) of the same content may win
             save_manifest(manifest, tmp / "manifest.csv")
             split.to_csv(tmp / "split.csv", index=False)
             (tmp / "validation_report.md").write_text(report.to_markdown())
             (tmp / "validation_report.json").write_text(report.to_json())
             (tmp / "config.json").write_text(json.dumps(
                 {**dataclasses.asdict(cfg), "reader": reader, "source": source, "data_root": str(folder)}, indent=2))
-            if (out_dir / "manifest.csv").exists():  # a concurrent process (tuning worker) finished first:
-                shutil.rmtree(tmp)                    # same content; replacing it would pull files from its run
-            else:
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)
-                try:
-                    os.replace(tmp, out_dir)
-                except OSError:
-                    if not (out_dir / "manifest.csv").exists():
-                        raise
-                    shutil.rmtree(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return Prepared(reader, source, Path(folder).resolve(), manifest, split, report, out_dir)
 
 
@@ -138,6 +136,7 @@ def log_prepared(prep: Prepared, target: str = "has_lesion", artifacts: bool = T
 
 def run_prepare(cfg: DataConfig) -> Prepared:
     """Entry point body: prepare, print the validation report summary, log everything to MLflow."""
+    validate_data_config(cfg)
     with task_run("prepare", run_name="prepare"):
         prep = prepare_data(cfg)
         log_params_once({k: v for k, v in dataclasses.asdict(cfg).items() if k != "dataset"})

@@ -27,10 +27,10 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from ichflow.errors import ParameterError, UserError
 from ichflow.paths import work_dir
+from ichflow.tasks.spec import task_spec
 
-MODEL_NAMES = {"segmentation": "ich-segmentation", "classification": "ich-classification",
-               "detection": "ich-detection", "multilabel": "ich-subtypes"}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TAG_PREFIX = "ichflow.promotion."
 
@@ -61,7 +61,8 @@ def load_rule(task: str, path: str = "") -> dict:
             spec.loader.exec_module(mod)
             return {"primary": mod.PRIMARY, "margin": float(mod.MARGIN), "guards": dict(getattr(mod, "GUARDS", {})),
                     "source": str(cand)}
-    raise FileNotFoundError(f"no promotion rule for task {task!r}: looked in {[str(c) for c in candidates]}")
+    raise ParameterError("rule", f"no promotion rule for task {task!r}: looked in "
+                                 f"{', '.join(str(c) for c in candidates)}")
 
 
 def decide(rule: dict, candidate: dict, champion: dict | None) -> tuple[bool, str, dict]:
@@ -115,6 +116,19 @@ def _metrics(client, run_id, keys) -> dict:
     return {k: data[k] for k in keys if k in data}
 
 
+def candidate(client: mlflow.MlflowClient, task: str, run_id: str, rule: dict):
+    """(run, metrics the rule reads) of a candidate; ParameterError when it cannot be one."""
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ParameterError("run_id", f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from None
+    metrics = _metrics(client, run_id, [rule["primary"], *rule["guards"]])
+    if rule["primary"] not in metrics:
+        raise ParameterError("run_id", f"run {run_id} has no {rule['primary']!r} metric: only runs of task "
+                                       f"{task} evaluated on their test split can be promoted")
+    return run, metrics
+
+
 def promote(task: str, run_id: str, rule_path: str = "", evaluate_champion=None) -> Decision:
     """Compare the candidate run's model with ``@champion`` and move the aliases. Returns the decision.
 
@@ -122,15 +136,11 @@ def promote(task: str, run_id: str, rule_path: str = "", evaluate_champion=None)
     on other data than the candidate; without it such a comparison is refused.
     """
     client = mlflow.MlflowClient()
-    name = MODEL_NAMES[task]
+    name = task_spec(task).registered_name
     rule = load_rule(task, rule_path)
     keys = [rule["primary"], *rule["guards"]]
-    cand_run = client.get_run(run_id)
+    cand_run, cand_metrics = candidate(client, task, run_id, rule)
     digest = cand_run.data.tags.get("ichflow.split_digest", "")
-    cand_metrics = _metrics(client, run_id, keys)
-    if rule["primary"] not in cand_metrics:
-        raise ValueError(f"run {run_id} has no {rule['primary']!r} metric: only runs evaluated on their test "
-                         "split can be promoted")
     with _model_lock(name):
         version = version_for_run(client, name, run_id)
         champ = _alias(client, name, "champion")
@@ -145,7 +155,7 @@ def promote(task: str, run_id: str, rule_path: str = "", evaluate_champion=None)
             elif evaluate_champion is not None:
                 champ_metrics = evaluate_champion(f"models:/{name}/{champ.version}", cand_run)
             else:
-                raise ValueError(f"champion v{champ.version} of {name} was evaluated on split "
+                raise UserError(f"champion v{champ.version} of {name} was evaluated on split "
                                  f"{champ_run.data.tags.get('ichflow.split_digest')} but the candidate on {digest}: "
                                  "re-evaluate the champion on the candidate's test split first")
         promoted, reason, deltas = decide(rule, cand_metrics, champ_metrics)
@@ -207,22 +217,24 @@ def candidate_from_study(task: str, study_name: str = "") -> str:
         best = run.data.tags.get("ichflow.best_run_id")
         if best:
             return best
-    raise LookupError(f"no finished tune run with a refit best trial for task={task!r}"
-                      + (f" study={study_name!r}" if study_name else "") + "; pass run_id instead")
+    raise ParameterError("run_id", f"no candidate: no finished tune run with a refit best trial for task={task!r}"
+                         + (f" study={study_name!r}" if study_name else "")
+                         + "; pass -P run_id=<run> or run the tune entry point first")
 
 
 def run_promote(cfg: PromoteConfig) -> Decision:
     from ichflow.tracking import log_params_once, task_run
 
-    if cfg.task not in MODEL_NAMES:
-        raise ValueError(f"task must be one of {sorted(MODEL_NAMES)}, got {cfg.task!r}")
+    task_spec(cfg.task)
+    rule = load_rule(cfg.task, cfg.rule)
     run_id = cfg.run_id or candidate_from_study(cfg.task, cfg.study_name)
+    candidate(mlflow.MlflowClient(), cfg.task, run_id, rule)  # a bad candidate fails before a run is opened
     with task_run("promote", run_name=f"promote-{cfg.task}"):
         log_params_once({"task": cfg.task, "candidate_run_id": run_id, "study_name": cfg.study_name})
         from ichflow.evaluation import champion_evaluator
 
-        rule = load_rule(cfg.task, cfg.rule)  # a champion tested on other data is re-evaluated on the candidate's
-        evaluate = champion_evaluator(cfg.task, [rule["primary"], *rule["guards"]])  # test split (child run)
+        # a champion tested on other data is re-evaluated on the candidate's test split (child run)
+        evaluate = champion_evaluator(cfg.task, [rule["primary"], *rule["guards"]])
         decision = promote(cfg.task, run_id, cfg.rule, evaluate_champion=evaluate)
         mlflow.log_dict(asdict(decision), "decision.json")
         mlflow.set_tags({"ichflow.promoted": str(decision.promoted), "ichflow.model_version": decision.candidate_version})
@@ -239,7 +251,7 @@ class HistoryConfig:
 
 
 def run_history(cfg: HistoryConfig) -> list[dict]:
-    name = MODEL_NAMES.get(cfg.task, cfg.task)
+    name = task_spec(cfg.task).registered_name
     events = promotion_history(name)
     print(f"Promotion history of {name} ({len(events)} decisions)")
     for e in events:

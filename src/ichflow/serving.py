@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ichflow.data import ctich, phe
 from ichflow.data.images import IMAGE_SUFFIXES, read_gray
 from ichflow.data.manifest import atomic_write_text
-from ichflow.errors import DataError
+from ichflow.errors import DataError, ParameterError
 
 
 @dataclass
@@ -97,20 +97,19 @@ def _overlay_boxes(img: np.ndarray, boxes: pd.DataFrame) -> Image.Image:
 def run_predict(cfg: PredictConfig) -> pd.DataFrame:
     from ichflow.tracking import log_params_once, task_run
 
+    from ichflow.evaluation import load_model
+
     if not cfg.input:
-        raise DataError("input", "give an image, a folder of slices or a data folder (-P input=...)")
+        raise ParameterError("input", "give an image, a folder of slices or a data folder (-P input=...)")
     scans = discover_scans(cfg.input)
-    model = mlflow.pyfunc.load_model(cfg.model_uri)
-    meta = model.metadata.metadata or {}
-    task = meta.get("task")
-    if task not in ("segmentation", "classification", "multilabel", "detection"):
-        raise ValueError(f"{cfg.model_uri}: not an ichflow model (metadata task={task!r})")
+    loaded = load_model(cfg.model_uri)  # a wrong URI, alias or version: one line naming model_uri
+    model, meta, task = loaded.pyfunc, loaded.meta, loaded.task
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     rows, box_rows = [], []
     with task_run("predict", run_name=f"predict-{task}"):
-        log_params_once({"model_uri": cfg.model_uri, "input": cfg.input, "output": str(out), "task": task,
-                         "scans": len(scans)})
+        log_params_once({"model_uri": cfg.model_uri, "model_name": loaded.name, "model_version": loaded.version,
+                         "input": cfg.input, "output": str(out), "task": task, "scans": len(scans)})
         for scan, files in tqdm(scans.items(), desc="scans", unit="scan"):
             arr = load_scan(files)
             base = [{"scan": scan, "slice": i, "image": str(f)} for i, f in enumerate(files)]

@@ -23,7 +23,6 @@ launched the workers then tops the study up to ``n_trials`` finished trials itse
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import logging
 import math
@@ -31,6 +30,7 @@ import multiprocessing as mp
 import os
 import socket
 import time
+import typing
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,19 +38,13 @@ from pathlib import Path
 import mlflow
 import optuna
 
+from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import work_dir
+from ichflow.tasks.spec import task_spec
 from ichflow.tracking import StoreError, log_params_once, mask_uri, reuse_active_run, task_run
 
 log = logging.getLogger(__name__)
 
-# task -> (module, config class, train function); each train function follows
-# ``train_<task>(cfg, on_epoch_end=None) -> dict`` with "objective" (higher is better).
-TASKS = {
-    "segmentation": ("ichflow.tasks.segmentation", "SegmentationConfig", "train_segmentation"),
-    "classification": ("ichflow.tasks.classification", "ClassificationConfig", "train_classification"),
-    "detection": ("ichflow.tasks.detection", "DetectionConfig", "train_detection"),
-    "multilabel": ("ichflow.tasks.multilabel", "MultilabelConfig", "train_multilabel"),
-}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -84,38 +78,50 @@ def load_space(task: str, path: str = ""):
             spec.loader.exec_module(module)
             for attr in ("suggest", "MONITOR"):
                 if not hasattr(module, attr):
-                    raise AttributeError(f"{cand}: search space must define {attr}")
+                    raise ParameterError("space", f"{cand}: a search space must define {attr}")
             module.FIXED = getattr(module, "FIXED", {})
             module.PRUNER = getattr(module, "PRUNER", None)  # optional: () -> optuna pruner, overrides `pruner`
             module.SOURCE = str(cand)
             return module
-    raise FileNotFoundError(f"no search space for task {task!r}: looked in {[str(c) for c in candidates]}")
+    raise ParameterError("space", f"no search space for task {task!r}: looked in "
+                                  f"{', '.join(str(c) for c in candidates)}")
 
 
 def task_parts(task: str):
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
-    module, cfg_name, fn_name = TASKS[task]
-    mod = importlib.import_module(module)
-    return getattr(mod, cfg_name), getattr(mod, fn_name)
+    """(config class, train function) of ``task`` from the task registry."""
+    spec = task_spec(task)
+    return spec.config_class(), spec.train_function()
 
 
 def parse_overrides(text: str, config_cls) -> dict:
     """"a=1,b=x" -> typed dict using the config's field types."""
     if not text.strip():
         return {}
-    types = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    types = typing.get_type_hints(config_cls)
     out = {}
     for item in text.split(","):
-        key, _, value = item.partition("=")
-        key = key.strip()
-        if key not in types:
-            raise ValueError(f"override {key!r} is not a parameter of {config_cls.__name__}")
-        typ = types[key] if isinstance(types[key], type) else {"int": int, "float": float, "bool": bool}.get(
-            str(types[key]), str)
-        out[key] = (value.strip().lower() in ("1", "true", "yes")) if typ is bool else typ(float(value)) \
-            if typ is int else typ(value.strip())
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or key not in types:
+            raise ParameterError("overrides", f"{item.strip()!r} is not name=value with a parameter of "
+                                              f"{config_cls.__name__}")
+        out[key] = _typed(key, value, types[key])
     return out
+
+
+def _typed(key: str, value: str, typ: type):
+    if typ is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ParameterError("overrides", f"{key}={value!r}: expected true or false")
+        return value.lower() in ("1", "true", "yes")
+    if typ in (int, float):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ParameterError("overrides", f"{key}={value!r}: expected a number") from None
+        if typ is int and not number.is_integer():
+            raise ParameterError("overrides", f"{key}={value!r}: expected an integer")
+        return typ(number)
+    return value
 
 
 def storage_url(cfg: TuneConfig, study_name: str) -> str:
@@ -192,6 +198,9 @@ def _find_trial_run(study_name: str, number: int) -> str:
     return runs[0].info.run_id if runs else ""
 
 
+PRUNERS = ("median", "hyperband", "none")
+
+
 def make_pruner(name: str, max_epochs: int):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
@@ -199,7 +208,7 @@ def make_pruner(name: str, max_epochs: int):
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(2, max_epochs))
     if name == "none":
         return optuna.pruners.NopPruner()
-    raise ValueError(f"pruner must be median, hyperband or none, got {name!r}")
+    raise ParameterError("pruner", f"must be one of median, hyperband, none; got {name!r}")
 
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -279,7 +288,20 @@ def shares(n_trials: int, n_workers: int) -> list[int]:
     return [n_trials // n_workers + (1 if i < n_trials % n_workers else 0) for i in range(n_workers)]
 
 
+def validate(cfg: TuneConfig) -> None:
+    """Every parameter checked before any storage is opened or any run started."""
+    config_cls, _ = task_parts(cfg.task)
+    check_range("n_trials", cfg.n_trials, 1)
+    check_range("n_workers", cfg.n_workers, 1)
+    check_range("timeout_min", cfg.timeout_min, 0)
+    check_range("heartbeat_s", cfg.heartbeat_s, 0)
+    check_choice("pruner", cfg.pruner, PRUNERS)
+    load_space(cfg.task, cfg.space)
+    parse_overrides(cfg.overrides, config_cls)
+
+
 def run_tune(cfg: TuneConfig) -> dict:
+    validate(cfg)
     study_name = cfg.study_name or f"ichflow-{cfg.task}"
     url = storage_url(cfg, study_name)
     space = load_space(cfg.task, cfg.space)

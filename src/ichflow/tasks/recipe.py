@@ -22,7 +22,7 @@ import mlflow
 from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
-from ichflow.prepare import Prepared, log_prepared, prepare_data
+from ichflow.prepare import DATASETS, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.common import apply_preset, log_config, log_preset_values
 from ichflow.tasks.spec import TaskSpec
 from ichflow.tracking import task_run
@@ -73,6 +73,7 @@ class TaskRecipe:
 
     spec: TaskSpec
     presets: dict[str, dict] = {}
+    datasets: tuple[str, ...] = DATASETS   # values the ``dataset`` parameter may take
 
     def __init__(self):
         self.device = None
@@ -81,6 +82,7 @@ class TaskRecipe:
     # ---------------------------------------------------------------------------------------- the outline
     def run(self, cfg, on_epoch_end=None) -> TaskResult:
         cfg = apply_preset(cfg, self.presets)
+        validate_data_config(cfg, self.datasets)
         self.validate(cfg)
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
