@@ -5,7 +5,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # mlflow run --env-manager local runs entry points with the `python` on PATH: make it the venv's
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run test venv clean
+.PHONY: run test test-fast venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: $(VENV)/.installed
 ## The test suite (uses ../shared real data when present)
 test: $(VENV)/.installed
 	$(BIN)/pytest
+
+## The suite without the tests that train models (a few minutes)
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -m "not slow"
 
 clean:
 	rm -rf work mlruns mlflow.db

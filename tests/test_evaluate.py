@@ -20,18 +20,22 @@ from ichflow.errors import DataError, UserError
 from ichflow.evaluation import EvaluateConfig, run_evaluate
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.registry import PromoteConfig, load_rule, run_promote
+from ichflow.tasks.spec import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
-SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
 # metrics of the training run the served model cannot reproduce: the loss needs logits (pyfunc: probabilities)
 NOT_REPRODUCED = {"loss"}
 
 
 @pytest.fixture(scope="module")
-def seg(store):
-    from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
+def store(shared_store):
+    """This module evaluates the session's tiny models: it works in their store (and sets the aliases it needs)."""
+    return shared_store
 
-    return train_segmentation(SegmentationConfig(**SEG_TINY))
+
+@pytest.fixture(scope="module")
+def seg(store, tiny_model):
+    return tiny_model("segmentation")
 
 
 def _prefixed(metrics: dict, prefix: str) -> dict:
@@ -191,25 +195,12 @@ def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
 
 
 # ------------------------------------------------------------------ the other tasks: one tiny model each
-def _tiny_classification():
-    from ichflow.tasks.classification.train import ClassificationConfig, train_classification
-
-    return "ich-classification", train_classification(ClassificationConfig(
-        image_size=64, epochs=1, batch_size=8, n_boot=50, gradcam_per_group=0, num_workers=0))
-
-
-def _tiny_detection():
-    from ichflow.tasks.detection import DetectionConfig, train_detection
-
-    return "ich-detection", train_detection(DetectionConfig(engine="fasterrcnn", model="mobilenet", imgsz=64,
-                                                            epochs=1, batch_size=8, overlays=2))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("train", [_tiny_classification, _tiny_detection], ids=["classification", "detection"])
-def test_other_tasks_on_the_test_split_reproduce_the_training_test_metrics(store, train):
-    name, trained = train()
-    res = run_evaluate(EvaluateConfig(model_uri=f"models:/{name}/{trained['model_version']}", patients="test"))
+@pytest.mark.parametrize("name", ["classification", "detection-fasterrcnn"])
+def test_other_tasks_on_the_test_split_reproduce_the_training_test_metrics(store, tiny_model, name):
+    trained = tiny_model(name)
+    model_name = TASKS[name.split("-")[0]].registered_name
+    res = run_evaluate(EvaluateConfig(model_uri=f"models:/{model_name}/{trained['model_version']}", patients="test"))
     client = mlflow.MlflowClient()
     run = client.get_run(res["run_id"])
     test, _ = _assert_reproduces(client.get_run(trained["run_id"]), run)
@@ -220,12 +211,9 @@ def test_other_tasks_on_the_test_split_reproduce_the_training_test_metrics(store
 
 
 @pytest.mark.slow
-def test_subtype_model_on_the_test_split(store):
+def test_subtype_model_on_the_test_split(store, tiny_model):
     """The subtype model (trained by CV on the CT-ICH-like phantom) on the test patients of its data."""
-    from ichflow.tasks.multilabel.train import MultilabelConfig, train_multilabel
-
-    cfg = MultilabelConfig(image_size=64, epochs=1, batch_size=8, num_workers=0, n_folds=3)
-    trained = train_multilabel(cfg)
+    trained = tiny_model("multilabel")
     uri = f"models:/ich-subtypes/{trained['model_version']}"
     res = run_evaluate(EvaluateConfig(model_uri=uri, patients="test", n_folds=3))
     client = mlflow.MlflowClient()

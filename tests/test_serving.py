@@ -1,7 +1,6 @@
 """predict and serve with registered models: files written, REST answers match in-process predictions.
 
-One tiny model per task (trained on the synthetic phantoms in this module's own tracking store and registry)
-is made ``@champion`` of ``ich-<task>``. For every task: ``models:/ich-<task>@champion`` predicts what the
+The session's tiny model of each task (conftest ``tiny_model``, trained once on the synthetic phantoms) is made ``@champion`` of ``ich-<task>``. For every task: ``models:/ich-<task>@champion`` predicts what the
 training run's checkpoint predicts, and a real ``mlflow models serve`` process answers ``/invocations`` with
 the in-process predictions.
 """
@@ -30,39 +29,16 @@ from ichflow.tasks.spec import TASKS as SPECS
 from ichflow.serving import PredictConfig, discover_scans, run_predict
 
 TASKS = ("segmentation", "classification", "detection", "multilabel")
-SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
-SLICE_TINY = dict(image_size=64, epochs=1, batch_size=8, num_workers=0)
-
-
-def _train(task: str) -> dict:
-    if task == "segmentation":
-        from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
-
-        return train_segmentation(SegmentationConfig(**SEG_TINY))
-    if task == "classification":
-        from ichflow.tasks.classification import ClassificationConfig, train_classification
-
-        return train_classification(ClassificationConfig(**SLICE_TINY, n_boot=50, gradcam_per_group=0))
-    if task == "detection":   # the default engine (YOLO), as the main job registers it
-        from ichflow.tasks.detection import DetectionConfig, train_detection
-
-        return train_detection(DetectionConfig(imgsz=64, epochs=1, batch_size=8, mosaic=0.0, overlays=0))
-    from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
-
-    return train_multilabel(MultilabelConfig(**SLICE_TINY, n_folds=3))
 
 
 @pytest.fixture(scope="module")
-def champion(store):
-    """``champion(task)`` -> the training result of a tiny model of ``task``, now ``@champion`` (trained once)."""
-    trained: dict[str, dict] = {}
-
-    def get(task: str) -> dict:
-        if task not in trained:
-            res = _train(task)
-            mlflow.MlflowClient().set_registered_model_alias(SPECS[task].registered_name, "champion", str(res["model_version"]))
-            trained[task] = res
-        return trained[task]
+def champion(shared_store, tiny_model):
+    """``champion(task)`` -> the result of the session's tiny model of ``task``, made ``@champion`` now."""
+    def get(task: str):
+        res = tiny_model(task)
+        mlflow.MlflowClient().set_registered_model_alias(SPECS[task].registered_name, "champion",
+                                                         str(res["model_version"]))
+        return res
 
     return get
 
@@ -207,12 +183,12 @@ def _post(port: int, payload: dict):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
-def test_serve_round_trip(champion, task, store):
+def test_serve_round_trip(champion, task, shared_store):
     champion(task)
     port = _free_port()
     # what a user runs: the venv's bin first on PATH (the scoring server starts `python` from PATH)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               MLFLOW_TRACKING_URI=store)
+               MLFLOW_TRACKING_URI=shared_store)
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", _uri(task), "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
