@@ -39,7 +39,7 @@ def _task(name: str):
         from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
         return SegmentationConfig, train_segmentation
     if name == "classification":
-        from ichflow.tasks.classification.train import ClassificationConfig, train_classification
+        from ichflow.tasks.classification import ClassificationConfig, train_classification
         return ClassificationConfig, train_classification
     if name == "detection":
         from ichflow.tasks.detection import DetectionConfig, train_detection

@@ -36,10 +36,10 @@ def tiny_config(task: str):
         from ichflow.tasks.segmentation import SegmentationConfig
         return SegmentationConfig(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, eval_batch_size=4)
     if task == "classification":
-        from ichflow.tasks.classification.train import ClassificationConfig
+        from ichflow.tasks.classification import ClassificationConfig
         return ClassificationConfig(epochs=1, steps_per_epoch=2, n_boot=0, gradcam_per_group=0)
     if task == "multilabel":
-        from ichflow.tasks.multilabel.train import MultilabelConfig
+        from ichflow.tasks.multilabel import MultilabelConfig
         return MultilabelConfig(n_folds=3, epochs=1, steps_per_epoch=2)
     if task == "detection":
         from ichflow.tasks.detection.config import DetectionConfig

@@ -29,7 +29,7 @@ def task_config(task: str, quick: bool):
 
         return SegmentationConfig(epochs=2 if quick else 3, steps_per_epoch=4 if quick else 10, patience=10)
     if task == "classification":
-        from ichflow.tasks.classification.train import ClassificationConfig
+        from ichflow.tasks.classification import ClassificationConfig
 
         return ClassificationConfig(epochs=2 if quick else 3, patience=10, n_boot=50 if quick else 200,
                                     gradcam_per_group=1)
@@ -38,7 +38,7 @@ def task_config(task: str, quick: bool):
 
         return DetectionConfig(epochs=2 if quick else 3, patience=10, overlays=2)
     if task == "multilabel":
-        from ichflow.tasks.multilabel.train import MultilabelConfig
+        from ichflow.tasks.multilabel import MultilabelConfig
 
         return MultilabelConfig(n_folds=3, epochs=2 if quick else 3, patience=10)
     raise ValueError(f"unknown task {task!r}")
@@ -49,13 +49,13 @@ def train_fn(task: str):
         from ichflow.tasks.segmentation import train_segmentation
         return train_segmentation
     if task == "classification":
-        from ichflow.tasks.classification.train import train_classification
+        from ichflow.tasks.classification import train_classification
         return train_classification
     if task == "detection":
         from ichflow.tasks.detection.train import train_detection
         return train_detection
     if task == "multilabel":
-        from ichflow.tasks.multilabel.train import train_multilabel
+        from ichflow.tasks.multilabel import train_multilabel
         return train_multilabel
     raise ValueError(task)
 

@@ -25,7 +25,7 @@ def run(quick: bool) -> dict:
     from ichflow.engine import trainer as tr
     from ichflow.paths import prepared_dir
     from ichflow.prepare import DataConfig, resolve_source, run_prepare
-    from ichflow.tasks.classification.train import ClassificationConfig, train_classification
+    from ichflow.tasks.classification import ClassificationConfig, train_classification
 
     base = DataConfig().synthetic_patients
     reps = 2 if quick else 3

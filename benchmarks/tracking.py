@@ -31,10 +31,12 @@ def run(quick: bool) -> dict:
     from ichflow.data.splits import attach_split
     from ichflow.engine import figures
     from ichflow.engine.device import default_workers, seed_everything
+    from ichflow.engine.schedule import warmup_cosine
     from ichflow.engine.trainer import Trainer, adamw, default_loss
+    from ichflow.paths import CHECKPOINT
     from ichflow.prepare import prepare_data
     from ichflow.tasks import slice_classifier as sc
-    from ichflow.tasks.classification.train import LABEL, ClassificationConfig
+    from ichflow.tasks.classification.config import LABEL, ClassificationConfig
     from ichflow.tasks.common import make_loader
 
     # full mode: 6 epochs, the shortest schedule an entry point runs by default (multilabel preset ctich), so the
@@ -63,7 +65,7 @@ def run(quick: bool) -> dict:
         loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.as_tensor(sc.prevalence_pos_weight(y[rows["train"]])))
         optimizer = adamw(model, cfg.lr, cfg.weight_decay)
         n_steps = len(loader)
-        scheduler = sc.cosine_warmup(optimizer, n_steps * cfg.epochs)
+        scheduler = warmup_cosine(optimizer, n_steps * cfg.epochs)
 
         def evaluate(m):
             probs, loss = sc.predict_probs(m, val_loader, device)
@@ -80,7 +82,7 @@ def run(quick: bool) -> dict:
             trainer = Trainer(model, optimizer, default_loss(loss_fn), device, None, scheduler=scheduler,
                               log_to_mlflow=logged)
             fit = trainer.fit(loader, evaluate, cfg.epochs, monitor="val_selection", mode="max", patience=100,
-                              checkpoint=scratch / "best.pt")
+                              checkpoint=scratch / CHECKPOINT)
             if logged:
                 for name, keys in (("loss_curves", ["train_loss", "val_loss"]), ("val_curves", ["val_roc_auc"])):
                     fig = figures.curves_figure(fit.history, keys, title=name)

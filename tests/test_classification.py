@@ -1,6 +1,9 @@
 """Bleed / no-bleed slice classification: threshold choice, patient aggregation, model building, the run."""
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -8,10 +11,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ichflow.errors import DataError
+from ichflow.errors import DataError, ParameterError
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.classification import ClassificationConfig, train_classification
-from ichflow.tasks.classification.train import pick_examples
+from ichflow.tasks.classification.figures import pick_examples
+
+REPO = Path(__file__).resolve().parents[1]
 
 # hand-made validation scores: 3 bleeds, 3 clean slices
 Y = np.array([1, 1, 1, 0, 0, 0])
@@ -87,11 +92,11 @@ def test_examples_for_gradcam_cover_each_outcome():
 def test_build_model_channels_classes_and_bad_names(tmp_path):
     m = sc.build_model("resnet18", 1, 3)
     assert m(torch.zeros(2, 1, 64, 64)).shape == (2, 3)
-    with pytest.raises(ValueError, match="not a timm model"):
+    with pytest.raises(ParameterError, match="parameter model: 'resnet_does_not_exist' is not a timm model"):
         sc.build_model("resnet_does_not_exist", 3, 1)
-    with pytest.raises(ValueError, match="in_channels"):
+    with pytest.raises(ParameterError, match="parameter in_channels"):
         sc.build_model("resnet18", 2, 1)
-    with pytest.raises(ValueError, match="nothing is downloaded"):
+    with pytest.raises(ParameterError, match="nothing is downloaded"):
         sc.build_model("resnet18", 3, 1, pretrained="true")
     with pytest.raises(DataError, match="weights file not found"):
         sc.build_model("resnet18", 3, 1, pretrained=str(tmp_path / "missing.pth"))
@@ -125,10 +130,23 @@ def test_pyfunc_prediction_any_size_uint8_or_float():
 
 
 def test_bad_parameters_are_rejected_before_training():
-    for change, msg in (({"imbalance": "smote"}, "imbalance"), ({"threshold_goal": "auc"}, "threshold_goal"),
-                        ({"target_recall": 1.5}, "target_recall"), ({"preset": "nope"}, "unknown preset")):
-        with pytest.raises(ValueError, match=msg):
+    for change, msg in (({"imbalance": "smote"}, "parameter imbalance: must be one of weighted_loss, sampler, none"),
+                        ({"threshold_goal": "auc"}, "parameter threshold_goal"),
+                        ({"target_recall": 1.5}, r"parameter target_recall: must be in \(0, 1\]"),
+                        ({"pos_weight": -1.0}, "parameter pos_weight"), ({"image_size": 16}, "parameter image_size"),
+                        ({"in_channels": 2}, "parameter in_channels"), ({"epochs": 0}, "parameter epochs"),
+                        ({"model": "nope"}, "parameter model"), ({"preset": "nope"}, "unknown preset")):
+        with pytest.raises(ParameterError, match=msg):
             train_classification(dataclasses.replace(ClassificationConfig(), **change))
+
+
+def test_a_bad_parameter_on_the_command_line_is_one_error_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "pipelines/classification.py", "--imbalance", "smote"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: parameter imbalance:"), proc.stderr
+    assert "weighted_loss, sampler, none" in lines[0]
 
 
 TINY = ClassificationConfig(image_size=64, epochs=2, patience=2, batch_size=8, n_boot=50, gradcam_per_group=1,
@@ -151,15 +169,19 @@ def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic
     assert [h.step for h in history] == [0, 1]
     arts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     for name in ("test_confusion.png", "test_patient_confusion.png", "test_roc_pr.png", "test_gradcam.png",
-                 "loss_curves.png"):
+                 "val_confusion.png", "training_loss_curves.png", "training_val_curves.png"):
         assert f"figures/{name}" in arts
     evals = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
-    assert {"eval/test_classification_report.txt", "eval/threshold.json", "eval/test_predictions.csv"} <= evals
+    assert {"eval/test_classification_report.txt", "eval/val_threshold.json", "eval/test_predictions.csv",
+            "eval/val_predictions.csv"} <= evals
+    for key in ("best_epoch", "epochs_run", "train_seconds", "wall_seconds", "threshold"):
+        assert key in result, key
     assert run.data.tags["ichflow.split_digest"] and run.data.params["model"] == "resnet18"
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation", "testing"}
 
     version = result["model_version"]
+    assert isinstance(version, int)
     loaded = mlflow.pyfunc.load_model(f"models:/ich-classification/{version}")
     scan = (np.random.default_rng(1).random((4, 512, 512)) * 255).astype(np.uint8)
     out = loaded.predict(scan)
@@ -202,7 +224,7 @@ def test_mlflow_run_cli_classification(tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["in_channels"] == "1" and "test_f1" in runs[0].data.metrics
-    assert "[classification] phe (synthetic)" in proc.stdout
+    assert "[classification] best epoch" in proc.stdout and "phe (synthetic)" in proc.stdout
 
 
 def test_adamw_uses_the_fused_kernel_on_cpu_and_matches_the_loop_version():

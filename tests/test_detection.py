@@ -13,13 +13,17 @@ import pandas as pd
 import pytest
 
 from ichflow.data.splits import split_patients, subset
-from ichflow.errors import DataError
+from ichflow.engine.scan import as_scan
+from ichflow.errors import DataError, ParameterError
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.tasks.detection import DetectionConfig, best_conf_threshold, box_metrics, slice_metrics
+from ichflow.tasks.detection.config import ENGINES
 from ichflow.tasks.detection.dataset import export_yolo, voc_to_yolo, yolo_label_text
+from ichflow.tasks.detection.engines import ENGINES as ENGINE_CLASSES
+from ichflow.tasks.detection.engines import engine_class
 from ichflow.tasks.detection.metrics import predictions_frame
-from ichflow.tasks.detection.pyfunc import as_slices, stacked
-from ichflow.tasks.detection.train import check_config
+from ichflow.tasks.detection.pyfunc import stacked
+from ichflow.tasks.detection.train import DetectionRecipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,15 +153,43 @@ def test_box_metrics_one_definition():
     assert m["map50"] == pytest.approx(1 / 6, abs=0.01) and m["map50_95"] <= m["map50"]
 
 
+def _bad(**kw) -> ParameterError:
+    with pytest.raises(ParameterError) as info:
+        DetectionRecipe().validate(DetectionConfig(**kw))
+    return info.value
+
+
 def test_bad_parameters_are_named():
-    with pytest.raises(DataError, match="parameter engine"):
-        check_config(DetectionConfig(engine="detr"))
-    with pytest.raises(DataError, match="parameter imgsz"):
-        check_config(DetectionConfig(imgsz=200))
-    with pytest.raises(DataError, match="parameter conf_threshold"):
-        check_config(DetectionConfig(conf_threshold=1.5))
-    with pytest.raises(DataError, match="parameter model"):
-        check_config(DetectionConfig(engine="fasterrcnn", model="s"))
+    for kw, name in ((dict(engine="detr"), "engine"), (dict(imgsz=200), "imgsz"), (dict(imgsz=32), "imgsz"),
+                     (dict(conf_threshold=1.5), "conf_threshold"), (dict(in_channels=2), "in_channels"),
+                     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
+                     (dict(neg_fraction=0.0), "neg_fraction"), (dict(time_budget_min=-1.0), "time_budget_min"),
+                     (dict(aug_strength=1.5), "aug_strength"), (dict(engine="fasterrcnn", model="s"), "model")):
+        err = _bad(**kw)
+        assert err.name == name and str(err).startswith(f"parameter {name}: "), (kw, str(err))
+    assert "mobilenet, resnet50" in str(_bad(engine="fasterrcnn", model="s"))
+    DetectionRecipe().validate(DetectionConfig(conf_threshold=-1.0))   # -1 = the val-optimal threshold
+    DetectionRecipe().validate(DetectionConfig(engine="fasterrcnn", model="resnet50"))
+
+
+def test_engine_registry():
+    assert ENGINES == tuple(ENGINE_CLASSES) == ("yolo", "fasterrcnn")
+    for name, cls in ENGINE_CLASSES.items():
+        assert engine_class(name) is cls and cls.name == name
+        for hook in ("check", "slices", "train", "predict", "load_predictor"):
+            assert callable(getattr(cls, hook)), (name, hook)
+    with pytest.raises(ParameterError) as info:
+        engine_class("detr")
+    assert info.value.name == "engine" and "yolo, fasterrcnn" in str(info.value) and "'detr'" in str(info.value)
+
+
+def test_bad_parameter_on_the_command_line_is_one_line():
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "detection.py"), "--imgsz", "50"],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: parameter imgsz: must be a multiple of 32 and >= 64; got 50"], proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_missing_pt_weights_say_what_to_do():
@@ -192,12 +224,10 @@ def test_ultralytics_is_set_up_offline():
 
 def test_pyfunc_input_conventions():
     scan = np.arange(3 * 4 * 5, dtype=np.float64).reshape(3, 4, 5)
-    arr = as_slices(scan)
+    arr = as_scan(scan)
     assert arr.dtype == np.uint8 and arr.shape == (3, 4, 5)
     st = stacked(arr, 3)
     assert st[0].shape == (4, 5, 3)
     assert np.array_equal(st[0][..., 0], arr[0]) and np.array_equal(st[0][..., 2], arr[1])   # edge replicated
     assert np.array_equal(st[2][..., 0], arr[1]) and np.array_equal(st[2][..., 2], arr[2])
-    assert as_slices(np.zeros((4, 5), np.uint8)).shape == (1, 4, 5)
-    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
-        as_slices(np.zeros((1, 2, 3, 4)))
+    assert [s.shape for s in stacked(arr, 1)] == [(4, 5, 1)] * 3

@@ -37,15 +37,20 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
     run = client.get_run(res["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["ichflow.task"] == "detection"
     assert "warmup_epochs" not in run.data.params and "mosaic" in run.data.params   # their args.yaml dump is not
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "epoch_val_map50")]
-    assert steps == list(range(res["epochs_run"])) == [e for e, _ in seen]
+    # per-epoch val metrics at step=epoch; the selected model's one step later (what run.data.metrics shows)
+    history = sorted(client.get_metric_history(run.info.run_id, "val_map50"), key=lambda m: m.step)
+    assert [m.step for m in history[:-1]] == list(range(res["epochs_run"])) == [e for e, _ in seen]
+    assert history[-1].step == res["epochs_run"] and history[-1].value == pytest.approx(res["val_map50"])
+    assert run.data.metrics["val_map50"] == pytest.approx(res["val_map50"])
     assert len(client.get_metric_history(run.info.run_id, "train_box_loss")) == res["epochs_run"]
     assert run.data.tags["ichflow.split_digest"] == run.data.params["split_digest"]
-    files = {f.path for d in ("figures", "evaluation", "predictions") for f in client.list_artifacts(run.info.run_id, d)}
-    for name in ("figures/pr_curve.png", "figures/confusion_val.png", "figures/confusion_test.png",
-                 "figures/difficulty_test.png", "figures/overlays_test.png", "evaluation/difficulty_test.md",
-                 "evaluation/test_per_patient.csv", "predictions/val_predictions.csv", "predictions/val_slices.csv"):
-        assert name in files
+    files = {f.path for d in ("figures", "eval") for f in client.list_artifacts(run.info.run_id, d)}
+    for split in ("val", "test"):
+        for name in ("pr_curve", "confusion", "slice_roc_pr", "difficulty", "overlays"):
+            assert f"figures/{split}_{name}.png" in files, (split, name, files)
+        for name in ("predictions.csv", "slices.csv", "per_patient.csv", "difficulty.md", "difficulty_boxes.csv"):
+            assert f"eval/{split}_{name}" in files, (split, name, files)
+    assert {"figures/training_losses.png", "figures/training_val_map.png"} <= files
 
     # the learning path: the phantom's lesions are found on held-out patients
     assert res["test_map50"] >= 0.5, res
@@ -54,7 +59,7 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
 
     # the threshold can be re-tuned from the stored val predictions without retraining
     slices = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                             artifact_path="predictions/val_slices.csv"))
+                                                             artifact_path="eval/val_slices.csv"))
     again = slice_metrics(slices["max_score"].to_numpy(), slices["has_lesion"].to_numpy(), res["conf_threshold_used"])
     assert again["f1"] == pytest.approx(run.data.metrics["val_slice_f1"])
 
@@ -72,7 +77,7 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
     assert out["slice_index"].between(0, len(scan) - 1).all() and (out["score"] >= res["conf_threshold_used"]).all()
     assert ((out["x2"] > out["x1"]) & (out["y2"] > out["y1"])).all()
     stored = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
-                                                             artifact_path="predictions/test_predictions.csv"))
+                                                             artifact_path="eval/test_predictions.csv"))
     test_part = prep.manifest[prep.manifest["patient_id"].isin(test_ids)].sort_values(["patient_id", "slice_index"])
     first = (test_part["patient_id"] == test_ids.iloc[0]).to_numpy().nonzero()[0]
     kept = stored[stored["slice_id"].isin(first) & (stored["score"] >= res["conf_threshold_used"])]
@@ -95,3 +100,36 @@ def test_fasterrcnn_trial_keeps_off_test_and_registry(synthetic_phe):
     assert not any(k.startswith("test_") for k in run.data.metrics)
     assert "val_map50" in run.data.metrics and 0.0 <= res["best_conf_threshold"] <= 1.0
     assert {v.version for v in client.search_model_versions(f"name='{REGISTERED_NAME}'")} == before
+
+
+@pytest.mark.slow
+def test_fasterrcnn_budget_stop_restores_the_best_checkpoint(synthetic_phe, tmp_path):
+    """The time budget stops Faster R-CNN by the Trainer's flag (no exception) with the best weights loaded."""
+    from ichflow.engine.budget import TimeBudget
+    from ichflow.paths import CHECKPOINT
+    from ichflow.tasks.detection.engines import engine_class
+
+    cfg = DetectionConfig(engine="fasterrcnn", model="mobilenet", imgsz=64, epochs=3, batch_size=8,
+                          num_workers=0, time_budget_min=1e-6)
+    prep = prepare_data(DataConfig())
+    engine = engine_class("fasterrcnn")()
+    table = engine.slices(cfg, prep)
+    seen = []
+
+    def spoil(epoch, metrics):  # after the checkpoint was saved: only a restore brings the weights back
+        seen.append(epoch)
+        with torch.no_grad():
+            for p in engine.predictor.model.parameters():
+                p.zero_()
+
+    fit = engine.train(cfg, prep, tmp_path, torch.device("cpu"), spoil, TimeBudget(cfg.time_budget_min, cfg.epochs))
+    assert fit.stopped_by_time_budget and not fit.stopped_early and fit.epochs_run == 1 and seen == [0]
+    assert fit.weights == tmp_path / CHECKPOINT and fit.best_epoch == 0
+    best = torch.load(fit.weights, map_location="cpu", weights_only=True)
+    live = engine.predictor.model.state_dict()
+    assert all(torch.equal(live[k].cpu(), v) for k, v in best.items())
+    assert any(v.abs().sum() > 0 for k, v in best.items() if v.is_floating_point())
+    assert fit.model_config["engine"] == "fasterrcnn" and fit.model_config["arch"] == "mobilenet"
+    val = table[table["split"] == "val"].reset_index(drop=True)
+    outputs = engine.predict(val)
+    assert len(outputs) == len(val) and all(b.shape[1:] == (4,) for b, _ in outputs)

@@ -234,6 +234,7 @@ def test_subtype_model_on_the_test_split(store, tiny_model):
                                                             artifact_path="eval/eval_predictions.csv"),
                         dtype={"patient_id": str})
     assert table["patient_id"].nunique() == m["eval_support_patients"]
+    cfg = TASKS["multilabel"].config_class()()   # the tiny model trains on the task's default phantom
     prep = prepare_data(DataConfig(dataset="synthetic-ctich", synthetic_patients=cfg.synthetic_patients,
                                    synthetic_slices=cfg.synthetic_slices, n_folds=3))
     pid = table["patient_id"].iloc[0]

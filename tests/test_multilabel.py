@@ -1,7 +1,10 @@
 """Multi-label subtypes: pos_weight, per-class thresholds, CV folds, metrics, labels CSV, parent/child runs."""
 
 import dataclasses
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -9,13 +12,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from ichflow.errors import DataError
+from ichflow.errors import DataError, ParameterError
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
 from ichflow.tasks.multilabel import folds as cvf
 from ichflow.tasks.multilabel.labels_csv import is_labels_csv, read_labels_csv
 from ichflow.tasks.multilabel.metrics import aggregate, multilabel_metrics, support
-from ichflow.tasks.multilabel.train import parse_classes, parse_multipliers
+from ichflow.tasks.multilabel.config import parse_classes, parse_multipliers
 
 CLASSES = ["IVH", "IPH", "SAH"]
 
@@ -37,10 +40,10 @@ def test_multipliers_and_classes_parsing():
     np.testing.assert_allclose(parse_multipliers("", 3), [1, 1, 1])
     np.testing.assert_allclose(parse_multipliers("1,2,0.5", 3), [1, 2, 0.5])
     for bad, msg in (("1,2", "2 values for 3"), ("1,x,2", "comma-separated"), ("1,0,1", "> 0")):
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ParameterError, match=f"parameter pos_weight_multipliers: .*{msg}"):
             parse_multipliers(bad, 3)
     assert parse_classes(" IVH, IPH ,SAH") == CLASSES
-    with pytest.raises(ValueError, match="duplicates"):
+    with pytest.raises(ParameterError, match="parameter classes: has duplicates"):
         parse_classes("IVH,IVH")
 
 
@@ -180,13 +183,25 @@ def test_labels_csv_bad_input_names_the_file_and_problem(tmp_path):
 
 
 def test_bad_parameters_are_rejected(synthetic_phe):
-    for change, msg in (({"sampler": "smote"}, "sampler"), ({"final_model": "ensemble"}, "final_model"),
-                        ({"n_folds": 2}, "n_folds"), ({"pos_weight": "5"}, "pos_weight"),
+    for change, msg in (({"sampler": "smote"}, "parameter sampler: must be one of none, balanced"),
+                        ({"final_model": "ensemble"}, "parameter final_model"),
+                        ({"n_folds": 2}, "parameter n_folds: must be at least 3"),
+                        ({"pos_weight": "5"}, "parameter pos_weight"), ({"classes": " , "}, "parameter classes"),
+                        ({"threshold_goal": "auc"}, "parameter threshold_goal"),
+                        ({"model": "nope"}, "parameter model"),
                         ({"pos_weight_multipliers": "1,2"}, "2 values for 3 classes")):
-        with pytest.raises(ValueError, match=msg):
+        with pytest.raises(ParameterError, match=msg):
             train_multilabel(dataclasses.replace(MultilabelConfig(), **change))
-    with pytest.raises(ValueError, match="no subtype labels"):
+    with pytest.raises(ParameterError, match="parameter classes: .*no subtype labels"):
         train_multilabel(MultilabelConfig(dataset="synthetic", synthetic_patients=12))
+
+
+def test_a_bad_parameter_on_the_command_line_is_one_error_line_and_exit_2():
+    proc = subprocess.run([sys.executable, "pipelines/multilabel.py", "--n_folds", "1"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: parameter n_folds:"), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -214,11 +229,19 @@ def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered
     held = [c.data.metrics["heldout_macro_auc"] for c in children]
     assert m["cv_macro_auc"] == pytest.approx(np.mean(held))
     assert result["objective"] == m["val_macro_auc"] and result["objective_name"] == "val_macro_auc"
-    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="cv/folds.csv"),
+    assert result["folds"] == 3 and result["fold_source"] in ("split.fold", "stratified")
+    assert result["test_macro_auc"] == result["cv_macro_auc"] and "oof_macro_auc" in result
+    assert result["final_model"] == parent.data.tags["ichflow.final_model"]
+    assert isinstance(result["model_version"], int) and result["epochs_run"] == 1
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                            artifact_path="eval/cv_folds.csv"),
                         dtype={"patient_id": str})
     assert folds["patient_id"].is_unique and len(folds) == 12 and sorted(folds["fold"].unique()) == [0, 1, 2]
     arts = {f.path for f in client.list_artifacts(parent.info.run_id, "figures")}
-    assert {"figures/multilabel_confusion.png", "figures/cooccurrence.png"} <= arts
+    assert {"figures/oof_multilabel_confusion.png", "figures/oof_cooccurrence.png"} <= arts
+    evals = {f.path for f in client.list_artifacts(parent.info.run_id, "eval")}
+    assert {"eval/oof_predictions.csv", "eval/cv_fold_metrics.csv", "eval/cv_support_per_fold.csv",
+            "eval/cv_summary.md"} <= evals
     assert parent.data.tags["ichflow.final_model"].startswith("fold-")
 
     loaded = mlflow.pyfunc.load_model(f"models:/ich-subtypes/{result['model_version']}")
@@ -248,7 +271,8 @@ def test_tuning_trial_on_a_labels_csv_keeps_test_patients_out(synthetic_ctich, t
     assert not any(k.startswith("test_") for k in result)
     run = mlflow.get_run(result["run_id"])
     assert run.data.params["reader"] == "csv"
-    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="cv/folds.csv"),
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result["run_id"],
+                                                            artifact_path="eval/cv_folds.csv"),
                         dtype={"patient_id": str})
     split = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result["run_id"], artifact_path="data/split.csv"),
                         dtype={"patient_id": str})

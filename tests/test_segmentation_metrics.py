@@ -10,15 +10,19 @@ import pandas as pd
 import pytest
 import torch
 
+from ichflow.cli import main_guard
 from ichflow.engine.augment import Normalizer
+from ichflow.engine.scan import neighbours
 from ichflow.engine.slices import neighbour_indices, stack_channels
-from ichflow.errors import DataError
-from ichflow.tasks.segmentation import PRESETS, SegmentationConfig
-from ichflow.tasks.segmentation import metrics as M
-from ichflow.tasks.segmentation.data import PatchDataset, crop_padded, predict_scan, scan_neighbours
-from ichflow.tasks.segmentation.model import build_loss, build_model, load_encoder_weights, model_spec
-from ichflow.tasks.segmentation.train import parse_threshold, validate
+from ichflow.engine.stats import finite
+from ichflow.errors import DataError, ParameterError
 from ichflow.tasks.common import apply_preset
+from ichflow.tasks.segmentation import PRESETS, SegmentationConfig, train_segmentation
+from ichflow.tasks.segmentation import metrics as M
+from ichflow.tasks.segmentation.config import parse_threshold, validate
+from ichflow.tasks.segmentation.data import PatchDataset, crop_padded, predict_scan
+from ichflow.tasks.segmentation.engines import ENGINES, build_network
+from ichflow.tasks.segmentation.model import build_loss, build_model, build_scheduler, load_encoder_weights, model_spec
 
 
 def _mask(shape, *pixels):
@@ -135,7 +139,7 @@ def test_summarise_per_patient_pooled_volume_and_detection():
     assert thr == 0.3 and means.tolist() == pytest.approx([4 / 6, 4 / 6, 0.0])
     # a single patient -> CI collapses to the value; NaN metrics never reach MLflow
     assert m["dice_ci_low"] == m["dice_ci_high"] == pytest.approx(4 / 6)
-    assert "x" not in M.finite({"x": float("nan"), "y": 1})
+    assert "x" not in finite({"x": float("nan"), "y": 1})
     with pytest.raises(ValueError, match="grid"):
         M.summarise(stats, 0.55)
 
@@ -168,9 +172,9 @@ def test_25d_stacking_replicates_edges_and_never_mixes_patients():
     with pytest.raises(ValueError, match="in_channels"):
         stack_channels(images, 0, prev_idx, next_idx, 2)
     # the pyfunc's scan-level neighbours (one scan in axial order) follow the same rule
-    prev_s, next_s = scan_neighbours(3)
+    prev_s, next_s = neighbours(3)
     assert prev_s.tolist() == [0, 0, 1] and next_s.tolist() == [1, 2, 2]
-    assert scan_neighbours(1)[0].tolist() == [0] and scan_neighbours(1)[1].tolist() == [0]
+    assert neighbours(1)[0].tolist() == [0] and neighbours(1)[1].tolist() == [0]
 
 
 def test_predict_scan_equals_per_slice_25d_input():
@@ -282,10 +286,24 @@ def test_local_encoder_weights_load_and_adapt_first_conv(tmp_path):
     ({"fg_fraction": 1.5}, "fg_fraction"), ({"loss": "dice+hinge"}, "loss"), ({"threshold": "0.55"}, "threshold"),
     ({"threshold": "high"}, "threshold"), ({"encoder_weights": "imagenet"}, "encoder_weights"),
     ({"encoder": "resnet999"}, "encoder"), ({"target": "hematoma"}, "target"), ({"epochs": 0}, "epochs"),
+    ({"decoder_channels": "16,16"}, "decoder_channels"), ({"decoder_channels": "a,b"}, "decoder_channels"),
+    ({"engine": "nnunet"}, "engine"), ({"scheduler": "step"}, "scheduler"), ({"lr": 0.0}, "lr"),
+    ({"warmup_fraction": 2.0}, "warmup_fraction"), ({"time_budget_min": -1.0}, "time_budget_min"),
 ])
 def test_bad_parameters_are_named(change, param):
-    with pytest.raises(DataError, match=f"parameter [a-z_/]*{param}"):
+    with pytest.raises(ParameterError, match=f"^parameter {param}: ") as info:
         validate(SegmentationConfig(**change))
+    assert info.value.name == param and "\n" not in str(info.value)
+
+
+def test_bad_parameter_is_one_error_line_and_exit_code_2(capsys):
+    """Refused before anything is read or tracked: one line on stderr, exit code 2."""
+    with pytest.raises(SystemExit) as info:
+        main_guard(train_segmentation, SegmentationConfig, ["--loss", "foo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: parameter loss: must be '+'-joined names from dice, bce, focal, tversky, "
+                                "jaccard, lovasz; got 'foo'"]
 
 
 def test_threshold_and_preset():
@@ -296,18 +314,36 @@ def test_threshold_and_preset():
     validate(cfg)
 
 
-def test_time_budget_hook_stops_before_an_epoch_would_overrun():
-    from ichflow.tasks.segmentation.train import _BudgetReached, _TimeBudget
+def test_smp_engine_spec_round_trip():
+    engine = ENGINES[SegmentationConfig().engine]
+    spec = engine.spec(SegmentationConfig(in_channels=1, decoder_channels="16,16,16,16,16"))
+    assert spec == {"engine": "smp", "arch": "Unet", "encoder": "resnet18", "in_channels": 1,
+                    "decoder_channels": [16, 16, 16, 16, 16]}
+    torch.manual_seed(0)
+    a = build_network(spec)
+    legacy = {k: v for k, v in spec.items() if k != "engine"}     # model specs stored before engines existed
+    b = build_network(legacy)
+    b.load_state_dict(a.state_dict())
+    x = torch.zeros(1, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x)) and a(x).shape == (1, 1, 64, 64)
 
-    calls = []
-    hook = _TimeBudget(1.0, max_epochs=5, inner=lambda e, m: calls.append(e))
-    hook(0, {"val_dice": 0.1})                 # far inside one minute: continue
-    assert calls == [0] and not hook.reached
-    tight = _TimeBudget(1e-9, max_epochs=5)
-    with pytest.raises(_BudgetReached):
-        tight(0, {"val_dice": 0.1})
-    assert tight.reached and tight.result(0, 0.1, "").epochs_run == 1
-    last = _TimeBudget(1e-9, max_epochs=1)     # the last epoch is never reported as cut by the budget
-    last(0, {"val_dice": 0.1})
-    assert not last.reached
-    assert _TimeBudget(0, max_epochs=5)(0, {}) is None   # 0 = no limit
+
+def test_schedules_warm_up_then_decay():
+    def lrs(name, steps=20, warmup=0.1):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched = build_scheduler(opt, name, steps, warmup, 1.0)
+        out = []
+        for _ in range(steps):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            if sched is not None:
+                sched.step()
+        return out
+
+    cosine = lrs("cosine")
+    assert cosine[0] == pytest.approx(0.5) and cosine[1] == pytest.approx(1.0)   # 2 warm-up steps
+    assert all(a >= b for a, b in zip(cosine[1:], cosine[2:])) and cosine[-1] < 0.05
+    assert lrs("constant") == [1.0] * 20
+    one = lrs("onecycle")
+    assert max(one) > 0.95 and one[0] < 0.1 and one[-1] < 0.01

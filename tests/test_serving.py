@@ -23,7 +23,7 @@ from PIL import Image
 
 from ichflow.data.images import read_gray
 from ichflow.errors import DataError
-from ichflow.paths import work_dir
+from ichflow.paths import CHECKPOINT, MODEL_CONFIG, work_dir
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.tasks.spec import TASKS as SPECS
 from ichflow.serving import PredictConfig, discover_scans, run_predict
@@ -123,9 +123,9 @@ def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
         from ichflow.tasks.segmentation.data import predict_scan
         from ichflow.tasks.segmentation.model import build_model
 
-        cfg = json.loads((runs / res["run_id"] / "model_config.json").read_text())
+        cfg = json.loads((runs / res["run_id"] / MODEL_CONFIG).read_text())
         model = build_model(cfg["model"])
-        model.load_state_dict(torch.load(runs / res["run_id"] / "best.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(runs / res["run_id"] / CHECKPOINT, map_location="cpu", weights_only=True))
         model.eval()
         probs, _ = predict_scan(model, arr, Normalizer(cfg["norm_mean"], cfg["norm_std"]),
                                 cfg["model"]["in_channels"], torch.device("cpu"))
@@ -139,9 +139,9 @@ def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
         return to_frame(predictor(stacked(arr, 3), conf=PARAMS["detection"]["conf_threshold"]))
     from ichflow.tasks import slice_classifier as sc
 
-    cfg = json.loads((runs / res["run_id"] / "model" / "model_config.json").read_text())
+    cfg = json.loads((runs / res["run_id"] / MODEL_CONFIG).read_text())
     if task == "classification":
-        ckpt = runs / res["run_id"] / "best.pt"
+        ckpt = runs / res["run_id"] / CHECKPOINT
     else:   # the subtype model is the checkpoint of the fold the training run chose (tag ichflow.final_model)
         client = mlflow.MlflowClient()
         parent = client.get_run(res["run_id"])
@@ -150,7 +150,7 @@ def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
         child = client.search_runs([parent.info.experiment_id],
                                    f"tags.mlflow.parentRunId = '{res['run_id']}' and tags.mlflow.runName = '{fold}'")
         assert len(child) == 1
-        ckpt = runs / child[0].info.run_id / "best.pt"
+        ckpt = runs / child[0].info.run_id / CHECKPOINT
     model = sc.build_model(cfg["model"], cfg["in_channels"], len(cfg["classes"]))
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
     return sc.predict_scan(model, cfg, arr)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from ichflow.paths import CHECKPOINT
+
 REPO = Path(__file__).resolve().parents[1]
 STACK = REPO / "deploy" / "stack.sh"
 PY = sys.executable
@@ -375,10 +377,10 @@ def test_s3_down_at_artifact_upload_fails_clearly_and_keeps_the_model(stack):
         stack.sh("up")
     assert proc.returncode == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith(f"error: artifact store mlflow-artifacts:"), last
+    assert last.startswith("error: artifact store mlflow-artifacts:"), last
     assert f"run {run.info.run_id} marked FAILED" in last
     assert "best.pt" in last
-    kept = Path(os.environ["ICHFLOW_WORK_DIR"]) / "runs" / run.info.run_id / "best.pt"
+    kept = Path(os.environ["ICHFLOW_WORK_DIR"]) / "runs" / run.info.run_id / CHECKPOINT
     assert str(kept.parent) in last and kept.is_file()
     assert client.get_run(run.info.run_id).info.status == "FAILED"
 

@@ -32,11 +32,9 @@ import warnings
 from dataclasses import dataclass
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from ichflow.data.scans import iter_scans  # noqa: F401  (re-exported: evaluate's scan order)
 from ichflow.data.splits import subset
 from ichflow.errors import DataError, ParameterError, UserError, check_choice
 from ichflow.paths import default_data_dir

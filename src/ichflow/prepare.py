@@ -16,7 +16,7 @@ import mlflow
 import pandas as pd
 
 from ichflow.data import ctich, phe
-from ichflow.data.manifest import load_manifest, save_manifest
+from ichflow.data.manifest import save_manifest
 from ichflow.data.report import ValidationReport
 from ichflow.data.splits import split_patients
 from ichflow.data.synthetic import PhantomSpec, ensure_synthetic

@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import mlflow
 from mlflow.exceptions import MlflowException
 
 from ichflow.errors import ParameterError, UserError
 from ichflow.paths import work_dir
+from ichflow.project_files import load_project_file
 from ichflow.tasks.spec import task_spec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TAG_PREFIX = "ichflow.promotion."
 
 
@@ -53,16 +51,9 @@ class Decision:
 
 
 def load_rule(task: str, path: str = "") -> dict:
-    candidates = [Path(path)] if path else [Path.cwd() / "registry" / f"{task}.py", REPO_ROOT / "registry" / f"{task}.py"]
-    for cand in candidates:
-        if cand.is_file():
-            spec = importlib.util.spec_from_file_location(f"ichflow_rule_{task}", cand)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return {"primary": mod.PRIMARY, "margin": float(mod.MARGIN), "guards": dict(getattr(mod, "GUARDS", {})),
-                    "source": str(cand)}
-    raise ParameterError("rule", f"no promotion rule for task {task!r}: looked in "
-                                 f"{', '.join(str(c) for c in candidates)}")
+    mod = load_project_file("registry", task, path, "rule", required=("PRIMARY", "MARGIN"))
+    return {"primary": mod.PRIMARY, "margin": float(mod.MARGIN), "guards": dict(getattr(mod, "GUARDS", {})),
+            "source": mod.SOURCE}
 
 
 def decide(rule: dict, candidate: dict, champion: dict | None) -> tuple[bool, str, dict]:

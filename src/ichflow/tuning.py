@@ -23,7 +23,6 @@ launched the workers then tops the study up to ``n_trials`` finished trials itse
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import multiprocessing as mp
@@ -33,19 +32,18 @@ import time
 import typing
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 import optuna
 
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import work_dir
+from ichflow.project_files import load_project_file
 from ichflow.tasks.spec import task_spec
 from ichflow.tracking import StoreError, log_params_once, mask_uri, reuse_active_run, task_run
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -70,21 +68,10 @@ class TuneConfig:
 
 def load_space(task: str, path: str = ""):
     """Load the search-space module for ``task`` (``suggest(trial) -> dict``, ``FIXED``, ``MONITOR``)."""
-    candidates = [Path(path)] if path else [Path.cwd() / "tuning" / f"{task}.py", REPO_ROOT / "tuning" / f"{task}.py"]
-    for cand in candidates:
-        if cand.is_file():
-            spec = importlib.util.spec_from_file_location(f"ichflow_space_{task}", cand)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            for attr in ("suggest", "MONITOR"):
-                if not hasattr(module, attr):
-                    raise ParameterError("space", f"{cand}: a search space must define {attr}")
-            module.FIXED = getattr(module, "FIXED", {})
-            module.PRUNER = getattr(module, "PRUNER", None)  # optional: () -> optuna pruner, overrides `pruner`
-            module.SOURCE = str(cand)
-            return module
-    raise ParameterError("space", f"no search space for task {task!r}: looked in "
-                                  f"{', '.join(str(c) for c in candidates)}")
+    module = load_project_file("tuning", task, path, "space", required=("suggest", "MONITOR"))
+    module.FIXED = getattr(module, "FIXED", {})
+    module.PRUNER = getattr(module, "PRUNER", None)  # optional: () -> optuna pruner, overrides `pruner`
+    return module
 
 
 def task_parts(task: str):

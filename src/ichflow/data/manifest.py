@@ -17,7 +17,6 @@ width height   image size in pixels
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path

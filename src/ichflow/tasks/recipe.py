@@ -81,9 +81,9 @@ class TaskRecipe:
 
     # ---------------------------------------------------------------------------------------- the outline
     def run(self, cfg, on_epoch_end=None) -> TaskResult:
-        cfg = apply_preset(cfg, self.presets)
+        cfg = self.resolve(apply_preset(cfg, self.presets))
+        self.validate(cfg)      # the task's own checks first: its messages are the more specific ones
         validate_data_config(cfg, self.datasets)
-        self.validate(cfg)
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         t_wall = time.perf_counter()
@@ -121,6 +121,10 @@ class TaskRecipe:
         return result
 
     # ------------------------------------------------------------------------------------------- the hooks
+    def resolve(self, cfg):
+        """The config with values that mean "pick for me" resolved (after the preset, before validation)."""
+        return cfg
+
     def validate(self, cfg) -> None:
         """Raise :class:`~ichflow.errors.ParameterError` for a bad parameter, before any work."""
 

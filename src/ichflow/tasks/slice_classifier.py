@@ -5,6 +5,9 @@
 - :class:`SliceData` / :class:`SliceDataset`: the decoded slice cache of a whole manifest (resized once to
   ``image_size``), 2.5D neighbour stacking, normalisation, albumentations augmentation (flip, affine,
   brightness/contrast, random resized crop) from the engine, scaled by ``aug_strength``.
+- :func:`loaders`, :func:`bce_loss`, :func:`fit_model`: the training pieces both tasks share (loaders, the
+  weighted BCE, AdamW + :func:`~ichflow.engine.schedule.warmup_cosine` on the engine Trainer, checkpoint by
+  ``val_selection``).
 - :func:`predict_probs`: sigmoid probabilities (and the un-weighted BCE) over a loader.
 - :func:`select_threshold`: the decision threshold for a stated goal (max F1, or recall >= a target),
   chosen on validation scores only.
@@ -17,8 +20,6 @@ Every model has one logit per class and a sigmoid (``BCEWithLogitsLoss``): the b
 from __future__ import annotations
 
 import json
-import logging
-import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,12 @@ from PIL import Image
 
 from ichflow.engine.augment import Normalizer, build_augment
 from ichflow.engine.device import autocast
+from ichflow.engine.scan import as_scan, neighbours
+from ichflow.engine.schedule import warmup_cosine
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
-from ichflow.errors import DataError
-
-log = logging.getLogger(__name__)
+from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
+from ichflow.errors import DataError, ParameterError
+from ichflow.paths import CHECKPOINT, MODEL_CONFIG
 
 IMBALANCE = ("weighted_loss", "sampler", "none")
 THRESHOLD_GOALS = ("f1", "recall")
@@ -41,6 +44,21 @@ _NO_WEIGHTS = ("", "false", "none", "0", "no", "off", "scratch")
 
 
 # --------------------------------------------------------------------------------------------- models
+def check_model(name: str, in_chans: int, pretrained: str = "") -> None:
+    """ParameterError for a model name timm does not know, in_channels other than 1 / 3, or a download request."""
+    import timm
+
+    if in_chans not in (1, 3):
+        raise ParameterError("in_channels", f"must be 1 (the slice) or 3 (2.5D); got {in_chans!r}")
+    if not timm.is_model(name):
+        raise ParameterError("model", f"{name!r} is not a timm model name (e.g. resnet18, resnet34, "
+                                      "efficientnet_b0; see timm.list_models())")
+    if str(pretrained or "").strip().lower() in ("true", "1", "yes", "imagenet", "on"):
+        raise ParameterError("pretrained", "nothing is downloaded here; give the path of a local weights file "
+                                           "(.pth/.pt/.safetensors state dict of the same timm architecture) "
+                                           "or leave it empty")
+
+
 def build_model(name: str, in_chans: int, num_classes: int, pretrained: str = "") -> torch.nn.Module:
     """A timm classifier. ``pretrained``: '' (from scratch) or the path of a local weights file.
 
@@ -49,17 +67,10 @@ def build_model(name: str, in_chans: int, num_classes: int, pretrained: str = ""
     """
     import timm
 
-    if in_chans not in (1, 3):
-        raise ValueError(f"in_channels must be 1 (the slice) or 3 (2.5D), got {in_chans}")
-    if not timm.is_model(name):
-        raise ValueError(f"model {name!r} is not a timm model name (e.g. resnet18, resnet34, efficientnet_b0; "
-                         "see timm.list_models())")
+    check_model(name, in_chans, pretrained)
     spec = str(pretrained or "").strip()
     if spec.lower() in _NO_WEIGHTS:
         return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-    if spec.lower() in ("true", "1", "yes", "imagenet", "on"):
-        raise ValueError("pretrained: nothing is downloaded here; give the path of a local weights file "
-                         "(.pth/.pt/.safetensors state dict of the same timm architecture) or leave it empty")
     path = Path(spec).expanduser()
     if not path.is_file():
         raise DataError(path, "pretrained weights file not found")
@@ -81,14 +92,9 @@ def gradcam_layer(model: torch.nn.Module) -> torch.nn.Module:
 
 # ------------------------------------------------------------------------------------------------ data
 def resize_slices(slices: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W) 8-bit (uint8 or float 0..255) -> (N, size, size) uint8, resized like the training cache."""
-    arr = np.asarray(slices)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"expected slices of one scan as an (N, H, W) array, got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        arr = np.clip(np.rint(arr.astype(np.float32)), 0, 255).astype(np.uint8)
+    """One scan's slices (see :func:`~ichflow.engine.scan.as_scan`) -> (N, size, size) uint8, resized like the
+    training cache."""
+    arr = as_scan(slices)
     if arr.shape[1:] == (size, size):
         return arr
     return np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in arr])
@@ -178,15 +184,52 @@ def prevalence_pos_weight(labels: np.ndarray, multipliers=None, cap: float = 100
     return w.astype(np.float32)
 
 
-def cosine_warmup(optimizer, total_steps: int, warmup_fraction: float = 0.05):
-    warm = max(1, int(total_steps * warmup_fraction))
+# -------------------------------------------------------------------------------------------- training
+def train_model(cfg, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """``build_model`` of ``cfg`` (model, in_channels, pretrained) on ``device``, channels-last."""
+    model = build_model(cfg.model, cfg.in_channels, num_classes, cfg.pretrained).to(device)
+    return model.to(memory_format=torch.channels_last)
 
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+def loaders(data: SliceData, parts: dict[str, np.ndarray], labels: np.ndarray, cfg, norm: Normalizer,
+            sampler=None, seed: int = 0):
+    """(augmented train loader over ``parts['train']``, {part: plain loader} for every non-empty part)."""
+    from ichflow.tasks.common import make_loader
+
+    train_ds = SliceDataset(data, parts["train"], labels, cfg.in_channels, norm,
+                            train_augment(cfg.aug_strength, cfg.image_size))
+    train = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=seed,
+                        drop_last=len(train_ds) > cfg.batch_size, sampler=sampler)
+    plain = {p: make_loader(SliceDataset(data, r, labels, cfg.in_channels, norm), cfg.batch_size * 2,
+                            shuffle=False, num_workers=cfg.num_workers) for p, r in parts.items() if len(r)}
+    return train, plain
+
+
+def bce_loss(pos_weight, device: torch.device) -> torch.nn.BCEWithLogitsLoss:
+    """``BCEWithLogitsLoss`` with a per-class ``pos_weight`` (None = plain BCE)."""
+    return torch.nn.BCEWithLogitsLoss(
+        pos_weight=torch.as_tensor(pos_weight, device=device) if pos_weight is not None else None)
+
+
+def fit_model(model: torch.nn.Module, cfg, loss_fn, device: torch.device, amp, train_loader, evaluate,
+              on_epoch_end=None) -> FitResult:
+    """AdamW + warm-up/cosine on the engine Trainer; the checkpoint (``run_folder()/CHECKPOINT`` of the active
+    run) is chosen by ``val_selection`` and restored at the end."""
+    from ichflow.tasks.common import run_folder
+
+    steps = cfg.steps_per_epoch or len(train_loader)
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay)
+    trainer = Trainer(model, optimizer, default_loss(loss_fn), device, amp,
+                      scheduler=warmup_cosine(optimizer, steps * cfg.epochs))
+    return trainer.fit(train_loader, evaluate, cfg.epochs, monitor="val_selection", mode="max",
+                       patience=cfg.patience, checkpoint=run_folder() / CHECKPOINT,
+                       steps_per_epoch=cfg.steps_per_epoch or None, on_epoch_end=on_epoch_end)
+
+
+def selection_score(auc: float, loss: float) -> float:
+    """What checkpoints are chosen by: validation AUC (0 when undefined), ties broken by the lower loss."""
+    auc = 0.0 if auc != auc else float(auc)
+    return auc - 1e-3 * min(loss, 10.0)
 
 
 @torch.no_grad()
@@ -318,20 +361,12 @@ def metrics_with_ci(frame: pd.DataFrame, threshold: float, names=("accuracy", "p
     return out
 
 
-def finite(metrics: dict) -> dict:
-    """Only the finite numeric entries (MLflow metrics)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(float(v))}
-
-
 # ------------------------------------------------------------------------------------------------ pyfunc
 def _scan_tensor(slices: np.ndarray, size: int, in_channels: int, mean: float, std: float) -> torch.Tensor:
     arr = resize_slices(slices, size)
-    n = len(arr)
-    prev_idx = np.maximum(np.arange(n) - 1, 0)
-    next_idx = np.minimum(np.arange(n) + 1, n - 1)
+    prev_idx, next_idx = neighbours(len(arr))
     norm = Normalizer(mean, std)
-    xs = [norm(stack_channels(arr, i, prev_idx, next_idx, in_channels)).transpose(2, 0, 1) for i in range(n)]
+    xs = [norm(stack_channels(arr, i, prev_idx, next_idx, in_channels)).transpose(2, 0, 1) for i in range(len(arr))]
     return torch.from_numpy(np.ascontiguousarray(np.stack(xs)))
 
 
@@ -369,14 +404,12 @@ class SliceClassifierModel(_PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
-        if isinstance(model_input, pd.DataFrame):
-            model_input = np.stack(model_input.iloc[:, 0].to_numpy())
-        return predict_scan(self.model, self.config, np.asarray(model_input))
+        return predict_scan(self.model, self.config, model_input)
 
 
 def predict_scan(model: torch.nn.Module, cfg: dict, slices: np.ndarray) -> pd.DataFrame:
     """What the pyfunc returns for the slices of one scan (see :class:`SliceClassifierModel`)."""
-    x = _scan_tensor(slices, cfg["image_size"], cfg["in_channels"], cfg["norm_mean"], cfg["norm_std"])
+    x = _scan_tensor(as_scan(slices), cfg["image_size"], cfg["in_channels"], cfg["norm_mean"], cfg["norm_std"])
     model.eval()
     probs = []
     with torch.no_grad():
@@ -415,7 +448,7 @@ def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example:
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.pt"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
-    cfg_path = folder / "model_config.json"
+    cfg_path = folder / MODEL_CONFIG
     cfg_path.write_text(json.dumps(config, indent=2))
     example = np.asarray(example, dtype=np.uint8)
     fresh = build_model(config["model"], config["in_channels"], len(config["classes"]))
@@ -423,5 +456,6 @@ def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example:
     # any number of slices of any size: (-1, -1, -1), 8-bit
     outputs = infer_signature(example, predict_scan(fresh, config, example)).outputs
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]), outputs=outputs)
-    return log_pyfunc(SliceClassifierModel(), artifacts={"weights": str(weights), "config": str(cfg_path)}, signature=signature,
+    return log_pyfunc(SliceClassifierModel(), artifacts={"weights": str(weights), "config": str(cfg_path)},
+                      signature=signature,
                       input_example=example, registered_model_name=registered_name, metadata=metadata)

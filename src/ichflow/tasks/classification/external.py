@@ -9,17 +9,17 @@ training run's own split evaluation, under ``prefix``, with the training run's b
 from __future__ import annotations
 
 import logging
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 import pandas as pd
 
+from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
+from ichflow.tasks.classification.config import LABEL
+from ichflow.tasks.classification.report import evaluate_split
 
 log = logging.getLogger(__name__)
-
-LABEL = "has_lesion"
 
 
 def _param(params: dict, key: str, default, cast):
@@ -31,8 +31,6 @@ def _param(params: dict, key: str, default, cast):
 
 def slice_scores(pyfunc, part: pd.DataFrame, column: str) -> pd.DataFrame:
     """(row, patient_id, slice_index, y, score) per slice of ``part``; ``column`` of the pyfunc output."""
-    from ichflow.data.scans import iter_scans
-
     frames = []
     for pid, group, slices in iter_scans(part):
         out = pyfunc.predict(slices)
@@ -53,18 +51,15 @@ def check_data(model, part: pd.DataFrame) -> None:
 
 def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     """Log the classification metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
-    from ichflow.tasks.classification.train import _evaluate_split
-
     check_data(model, part)
     params = model.train_params
     threshold = float(model.meta.get("threshold", 0.5))
-    settings = SimpleNamespace(n_boot=_param(params, "n_boot", 1000, int), seed=_param(params, "seed", 0, int),
-                               threshold_goal=_param(params, "threshold_goal", "f1", str))
     frame = slice_scores(model.pyfunc, part, f"{LABEL}_probability")
-    frame["pred"] = (frame["score"] >= threshold).astype(int)
     if frame["y"].min() == frame["y"].max():
         log.warning("the evaluated slices have a single class: ROC-AUC and PR-AUC are undefined")
-    metrics = _evaluate_split(prefix, frame, threshold, settings, 0)
+    metrics = evaluate_split(prefix, frame, threshold, n_boot=_param(params, "n_boot", 1000, int),
+                             seed=_param(params, "seed", 0, int),
+                             threshold_goal=_param(params, "threshold_goal", "f1", str))
     extra = {f"{prefix}_threshold": threshold, f"{prefix}_slices": len(frame),
              f"{prefix}_positive_slices": int(np.sum(frame["y"]))}
     mlflow.log_metrics(extra)

@@ -1,7 +1,8 @@
 """Task 2, lesion detection: boxes around hematoma + edema with Ultralytics YOLOv8 or Faster R-CNN.
 
-``train_detection(cfg, on_epoch_end=None) -> dict`` is the entry point body; ``slice_metrics`` scores stored
-predictions at any confidence threshold without retraining.
+``train_detection(cfg, on_epoch_end=None) -> TaskResult`` is the entry point body (``train.DetectionRecipe``,
+engines by name in ``engines``); ``slice_metrics`` scores stored predictions at any confidence threshold without
+retraining.
 """
 
 from ichflow.tasks.detection.config import PRESETS, DetectionConfig

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ichflow.tasks.common import TrainConfig
+from ichflow.tasks.detection import engines
 
-ENGINES = ("yolo", "fasterrcnn")
+ENGINES = tuple(engines.ENGINES)
 
 
 @dataclass
@@ -33,9 +34,9 @@ class DetectionConfig(TrainConfig):
 
 
 PRESETS: dict[str, dict] = {
-    # real PHE-SICH-CT-IDS data at native 512 px: sized for a GPU (not measured here, see reports/detection_phe.md)
+    # real PHE-SICH-CT-IDS data at native 512 px: sized for a GPU
     "phe": {"dataset": "phe", "imgsz": 512, "epochs": 60, "patience": 20, "batch_size": 16},
-    # the same data on the 2-core CPU in <= 15 min: 192 px, 30 % of the train negatives, a 10-min training budget
+    # the same data on a small CPU: 192 px, 30 % of the train negatives, a 10-min training budget
     "phe-cpu": {"dataset": "phe", "imgsz": 192, "epochs": 12, "patience": 12, "neg_fraction": 0.3,
                 "time_budget_min": 10.0},
 }

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ichflow.data.splits import SPLITS, attach_split
+from ichflow.engine.files import atomic_dir
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
 from ichflow.paths import cache_dir
 
@@ -95,21 +93,23 @@ def export_yolo(manifest: pd.DataFrame, split: pd.DataFrame, channels: int = 3, 
         raise ValueError(f"neg_fraction must be in (0, 1], got {neg_fraction}")
     digest = export_digest(manifest, split, channels, neg_fraction, seed)
     root = cache_dir() / "yolo" / digest
-    if (root / "data.yaml").exists() and (root / "index.csv").exists():
-        return _load(root, digest)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{digest}-"))
-    try:
-        _write(manifest, split, channels, tmp, neg_fraction, seed)
-        # data.yaml holds absolute paths: rewrite it for the final location before the rename
-        _write_yaml(tmp, root)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not ((root / "data.yaml").exists() and (root / "index.csv").exists()):
+        with atomic_dir(root) as tmp:
+            _write(manifest, split, channels, tmp, neg_fraction, seed)
+            _write_yaml(tmp, root)  # data.yaml holds absolute paths: those of the final folder
     return _load(root, digest)
+
+
+def train_negatives_dropped(table: pd.DataFrame, neg_fraction: float, seed: int) -> np.ndarray:
+    """Positions (in ``table``) of the train split's negative slices left out at ``neg_fraction`` < 1.
+
+    A fixed random pick per ``seed``, the same for every engine; lesion slices and val/test are never dropped.
+    """
+    if neg_fraction >= 1.0:
+        return np.zeros(0, int)
+    train_neg = np.flatnonzero(((table["split"] == "train") & ~table["has_lesion"].astype(bool)).to_numpy())
+    keep = np.random.default_rng([seed, 17]).random(len(train_neg)) < neg_fraction
+    return train_neg[~keep]
 
 
 def slice_table(manifest: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
@@ -137,10 +137,7 @@ def _write(manifest: pd.DataFrame, split: pd.DataFrame, channels: int, out: Path
 
     table = slice_table(manifest, split)
     table["in_yolo"] = True
-    if neg_fraction < 1.0:
-        train_neg = np.flatnonzero(((table["split"] == "train") & ~table["has_lesion"]).to_numpy())
-        keep = np.random.default_rng([seed, 17]).random(len(train_neg)) < neg_fraction
-        table.loc[train_neg[~keep], "in_yolo"] = False
+    table.loc[train_negatives_dropped(table, neg_fraction, seed), "in_yolo"] = False
     man = manifest.reset_index(drop=True)
     images = slice_cache(man["image_path"].astype(str).tolist())
     prev_idx, next_idx = neighbour_indices(man)

@@ -8,20 +8,20 @@ loss dict. Scored on val each epoch with the same matching/AP code as YOLO (``me
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ichflow.engine.budget import TimeBudget
 from ichflow.engine.slices import stack_channels
+from ichflow.errors import check_choice
+from ichflow.paths import CHECKPOINT
+from ichflow.tasks.detection.base import BOX_CONF, EngineFit
+from ichflow.tracking import log_params_once
 
 ARCHS = ("mobilenet", "resnet50")
-
-
-class _BudgetReached(Exception):
-    """Raised from the epoch hook when the next epoch would overrun ``time_budget_min``."""
 
 
 def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 50) -> torch.nn.Module:
@@ -39,17 +39,17 @@ def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 5
 class SliceBoxes(torch.utils.data.Dataset):
     """(image tensor C×S×S in [0, 1], target dict) for rows ``rows`` of the full manifest's slice cache."""
 
-    def __init__(self, images: np.ndarray, rows: np.ndarray, boxes: list[np.ndarray], prev_idx: np.ndarray,
-                 next_idx: np.ndarray, channels: int, augment=None):
+    def __init__(self, images: "_SliceImages", rows: np.ndarray, boxes: list[np.ndarray], channels: int,
+                 augment=None):
         self.images, self.rows, self.boxes = images, np.asarray(rows), boxes
-        self.prev_idx, self.next_idx, self.channels, self.augment = prev_idx, next_idx, channels, augment
+        self.channels, self.augment = channels, augment
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, k: int):
         i = int(self.rows[k])
-        arr = stack_channels(self.images, i, self.prev_idx, self.next_idx, self.channels)
+        arr = self.images.stack(i, self.channels)
         if self.channels == 1:
             arr = np.repeat(arr, 3, axis=-1)
         boxes = self.boxes[k].reshape(-1, 4)
@@ -137,84 +137,99 @@ def scaled_boxes(index: pd.DataFrame, imgsz: int) -> list[np.ndarray]:
     return out
 
 
-def train_fasterrcnn(cfg, manifest: pd.DataFrame, table: pd.DataFrame, device: torch.device, folder: Path,
-                     on_epoch_end=None) -> dict:
-    """Fit with the engine's Trainer; per-epoch val box metrics use ``metrics.py`` (the YOLO definition)."""
-    import math
-
-    import mlflow
-
-    from ichflow.engine.augment import Normalizer
-    from ichflow.engine.device import amp_dtype
-    from ichflow.engine.slices import neighbour_indices, slice_cache
-    from ichflow.engine.trainer import Trainer, adamw
-    from ichflow.tasks.common import make_loader
+def _val_scorer(predictor: "FasterRCNNPredictor", images, val: pd.DataFrame, cfg):
+    """``evaluate(model)`` for the Trainer: val box metrics by the YOLO definition (``metrics.py``)."""
     from ichflow.tasks.detection.metrics import box_metrics, predictions_frame, truths_from_index
-    from ichflow.tasks.detection.yolo import EPOCH_PREFIXED
+    from ichflow.tasks.detection.yolo import fitness
 
-    man = manifest.reset_index(drop=True)
-    images = slice_cache(man["image_path"].astype(str).tolist(), size=cfg.imgsz)
-    prev_idx, next_idx = neighbour_indices(man)
-    train, val = table[table["split"] == "train"], table[table["split"] == "val"].reset_index(drop=True)
-    if cfg.neg_fraction < 1.0:  # the same pick as the YOLO export: every lesion slice, a share of the negatives
-        neg = np.flatnonzero(~train["has_lesion"].to_numpy(bool))
-        drop = neg[~(np.random.default_rng([cfg.seed, 17]).random(len(neg)) < cfg.neg_fraction)]
-        train = train.drop(train.index[drop])
-    norm = Normalizer.fit(images[train["row"].to_numpy()], seed=cfg.seed)
-    mean, std = norm.mean / 255.0, norm.std / 255.0
-    model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det).to(device)
-    train_ds = SliceBoxes(images, train["row"].to_numpy(), scaled_boxes(train, cfg.imgsz), prev_idx, next_idx,
-                          cfg.in_channels, augment=box_augment(cfg.aug_strength) if cfg.aug_strength > 0 else None)
-    loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
-                         drop_last=len(train_ds) > cfg.batch_size)
-    loader.collate_fn = collate
-    opt = adamw(model, cfg.lr, cfg.weight_decay)
-    total = max(1, cfg.epochs * len(loader))
-    warm = min(total // 10, 3 * len(loader))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warm) if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    predictor = FasterRCNNPredictor(model, cfg.imgsz, device)
-    val_truths = truths_from_index(val)
-    val_images = [stack_channels(images, int(r), prev_idx, next_idx, cfg.in_channels) for r in val["row"]]
-    val_scale = np.stack([val["width"] / cfg.imgsz, val["height"] / cfg.imgsz] * 2, 1).astype(np.float32)
+    truths = truths_from_index(val)
+    inputs = [images.stack(int(r), cfg.in_channels) for r in val["row"]]
+    scale = _scale_back(val, cfg.imgsz)
 
     def evaluate(_model) -> dict:
-        outs = predictor(val_images, conf=0.001)
-        outs = [(b * val_scale[i], s) for i, (b, s) in enumerate(outs)]
-        m = box_metrics(predictions_frame(outs), val_truths)
-        return {"val_precision": m["precision"], "val_recall": m["recall"], "val_map50": m["map50"],
-                "val_map50_95": m["map50_95"], "val_fitness": 0.1 * m["map50"] + 0.9 * m["map50_95"]}
+        outs = [(b * scale[i], s) for i, (b, s) in enumerate(predictor(inputs, conf=BOX_CONF))]
+        m = box_metrics(predictions_frame(outs), truths)
+        out = {"val_precision": m["precision"], "val_recall": m["recall"], "val_map50": m["map50"],
+               "val_map50_95": m["map50_95"]}
+        return {**out, "val_fitness": fitness(out)}
 
-    log_to_run = mlflow.active_run() is not None
-    budget_s, t0 = 60.0 * cfg.time_budget_min, time.perf_counter()
-    history: list[dict] = []
+    return evaluate
 
-    def epoch_end(epoch, metrics):
-        history.append(dict(metrics))
-        if log_to_run:
-            mlflow.log_metrics({(f"epoch_{k}" if k in EPOCH_PREFIXED or k == "val_fitness" else k): float(v)
-                                for k, v in metrics.items() if k != "epoch" and math.isfinite(float(v))}, step=epoch)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
-        elapsed = time.perf_counter() - t0
-        if budget_s > 0 and epoch < cfg.epochs - 1 and elapsed + elapsed / (epoch + 1) > budget_s:
-            raise _BudgetReached
 
-    trainer = Trainer(model, opt, compute_loss, device, amp_dtype=amp_dtype(device, cfg.amp), scheduler=sched,
-                      grad_clip=10.0, log_to_mlflow=False, progress=False)
-    weights = folder / "fasterrcnn_best.pt"
-    stopped = False
-    try:
-        fit = trainer.fit(loader, evaluate, cfg.epochs, monitor="val_fitness", mode="max", patience=cfg.patience,
-                          checkpoint=weights, on_epoch_end=epoch_end)
-        history, best_epoch, epochs_run = fit.history, fit.best_epoch, fit.epochs_run
-    except _BudgetReached:  # the Trainer lets hook exceptions through: restore the best checkpoint here
-        stopped, epochs_run = True, len(history)
-        best_epoch = int(np.nanargmax([h["val_fitness"] for h in history]))
-        model.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
-    config = {"engine": "fasterrcnn", "arch": cfg.model, "imgsz": cfg.imgsz, "image_mean": mean, "image_std": std,
-              "in_channels": cfg.in_channels, "max_det": cfg.max_det, **norm.as_params()}
-    return {"weights": weights, "history": history, "train_seconds": time.perf_counter() - t0,
-            "epochs_run": epochs_run, "best_epoch": best_epoch, "config": config, "stopped_by_time_budget": stopped,
-            "predictor": FasterRCNNPredictor(model, cfg.imgsz, device), "images": images,
-            "prev_idx": prev_idx, "next_idx": next_idx}
+def _scale_back(part: pd.DataFrame, imgsz: int) -> np.ndarray:
+    """(n, 4) factors from the cached ``imgsz`` square back to each slice's own pixels."""
+    return np.stack([part["width"] / imgsz, part["height"] / imgsz] * 2, 1).astype(np.float32)
+
+
+class _SliceImages:
+    """The decoded slice cache of the whole manifest at ``imgsz``, with each slice's 2.5D neighbours."""
+
+    def __init__(self, manifest: pd.DataFrame, imgsz: int):
+        from ichflow.engine.slices import neighbour_indices, slice_cache
+
+        man = manifest.reset_index(drop=True)
+        self.images = slice_cache(man["image_path"].astype(str).tolist(), size=imgsz)
+        self.prev_idx, self.next_idx = neighbour_indices(man)
+
+    def stack(self, row: int, channels: int) -> np.ndarray:
+        return stack_channels(self.images, row, self.prev_idx, self.next_idx, channels)
+
+
+class FasterRCNNEngine:
+    """torchvision Faster R-CNN on the engine's slice cache, fitted by the engine's Trainer."""
+
+    name = "fasterrcnn"
+
+    @staticmethod
+    def check(cfg) -> None:
+        check_choice("model", cfg.model, ARCHS)
+
+    def slices(self, cfg, prep) -> pd.DataFrame:
+        from ichflow.tasks.detection.dataset import slice_table
+
+        log_params_once({"model_resolved": f"fasterrcnn_{cfg.model}_fpn (weights=None)"})
+        self.table = slice_table(prep.manifest, prep.split)
+        return self.table
+
+    def train(self, cfg, prep, folder: Path, device, on_epoch_end, budget: TimeBudget) -> EngineFit:
+        from ichflow.engine.augment import Normalizer
+        from ichflow.engine.device import amp_dtype
+        from ichflow.engine.schedule import warmup_cosine
+        from ichflow.engine.trainer import Trainer, adamw
+        from ichflow.tasks.common import make_loader
+        from ichflow.tasks.detection.dataset import train_negatives_dropped
+
+        self.cfg, self.images, table = cfg, _SliceImages(prep.manifest, cfg.imgsz), self.table
+        train = table.drop(table.index[train_negatives_dropped(table, cfg.neg_fraction, cfg.seed)])
+        train = train[train["split"] == "train"]
+        norm = Normalizer.fit(self.images.images[train["row"].to_numpy()], seed=cfg.seed)
+        mean, std = norm.mean / 255.0, norm.std / 255.0
+        log_params_once(norm.as_params())
+        model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det).to(device)
+        train_ds = SliceBoxes(self.images, train["row"].to_numpy(), scaled_boxes(train, cfg.imgsz), cfg.in_channels,
+                              augment=box_augment(cfg.aug_strength) if cfg.aug_strength > 0 else None)
+        loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
+                             drop_last=len(train_ds) > cfg.batch_size)
+        loader.collate_fn = collate
+        opt = adamw(model, cfg.lr, cfg.weight_decay)
+        # warm-up as YOLO's warmup_epochs: 10 % of the steps, at most 3 epochs
+        sched = warmup_cosine(opt, cfg.epochs * len(loader), warmup_fraction=min(0.1, 3 / cfg.epochs))
+        self.predictor = FasterRCNNPredictor(model, cfg.imgsz, device)
+        trainer = Trainer(model, opt, compute_loss, device, amp_dtype=amp_dtype(device, cfg.amp), scheduler=sched,
+                          grad_clip=10.0, progress=False)
+        fit = trainer.fit(loader, _val_scorer(self.predictor, self.images, table[table["split"] == "val"]
+                                              .reset_index(drop=True), cfg),
+                          cfg.epochs, monitor="val_fitness", mode="max", patience=cfg.patience,
+                          checkpoint=folder / CHECKPOINT, on_epoch_end=on_epoch_end, budget=budget)
+        config = {"engine": self.name, "arch": cfg.model, "imgsz": cfg.imgsz, "image_mean": mean, "image_std": std,
+                  "in_channels": cfg.in_channels, "max_det": cfg.max_det, **norm.as_params()}
+        return EngineFit(**vars(fit), model_config=config)
+
+    def predict(self, part: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+        imgs = [self.images.stack(int(r), self.cfg.in_channels) for r in part["row"]]
+        scale = _scale_back(part, self.cfg.imgsz)
+        return [(b * scale[i], s) for i, (b, s) in enumerate(self.predictor(imgs, conf=BOX_CONF))]
+
+    @staticmethod
+    def load_predictor(weights, config: dict, device) -> "FasterRCNNPredictor":
+        return FasterRCNNPredictor.from_files(weights, config, device)

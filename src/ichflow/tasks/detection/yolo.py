@@ -18,7 +18,6 @@ What Ultralytics does on its own, and what this module does about it:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -27,10 +26,16 @@ from typing import Callable
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
+from ichflow.engine.budget import TimeBudget
+from ichflow.engine.stats import finite
 from ichflow.errors import DataError
 from ichflow.paths import work_dir
+from ichflow.tasks.detection.dataset import export_yolo
+from ichflow.tasks.detection.base import BOX_CONF, EngineFit
+from ichflow.tracking import log_params_once
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +68,7 @@ def setup_ultralytics():
     from ultralytics.utils import SETTINGS, torch_utils
 
     # its select_device (trainer, final validation, predictor set-up) pins the whole process to cpu_count - 1
-    # torch threads on CPU: 1 of 2 cores here, which halves training speed and slows every model loaded beside
-    # it (reports/BENCHMARKS.md). Keep the process's own count.
+    # torch threads on CPU, which slows training and every model loaded beside it: keep the process's own count
     torch_utils.NUM_THREADS = torch.get_num_threads()
 
     wanted = {k: False for k in _DISABLED}
@@ -146,8 +150,6 @@ _NAMES = {
     "metrics/precision(B)": "val_precision", "metrics/recall(B)": "val_recall",
     "metrics/mAP50(B)": "val_map50", "metrics/mAP50-95(B)": "val_map50_95",
 }
-# per-epoch validation metrics are logged as epoch_<name>; the final evaluation of the best weights owns <name>
-EPOCH_PREFIXED = ("val_precision", "val_recall", "val_map50", "val_map50_95")
 
 
 def epoch_metrics(trainer) -> dict:
@@ -156,6 +158,11 @@ def epoch_metrics(trainer) -> dict:
     out["lr"] = float(trainer.optimizer.param_groups[0]["lr"])
     out["epoch_seconds"] = float(getattr(trainer, "epoch_time", 0.0) or 0.0)
     return out
+
+
+def fitness(m: dict) -> float:
+    """Ultralytics' model selection: 0.1 mAP@0.5 + 0.9 mAP@0.5:0.95 (Faster R-CNN selects by the same)."""
+    return 0.1 * m.get("val_map50", 0.0) + 0.9 * m.get("val_map50_95", 0.0)
 
 
 def _results_csv_trainer():
@@ -186,19 +193,25 @@ def _results_csv_trainer():
     return ResultsCsvTrainer
 
 
-def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
-               on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train from ``cfg`` on ``data_yaml``; per-epoch metrics go into the active MLflow run (step=epoch).
+def train_args(cfg, data_yaml: Path, project: Path, device: torch.device) -> dict:
+    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
+    return dict(
+        data=str(data_yaml), epochs=cfg.epochs, patience=cfg.patience, imgsz=cfg.imgsz, batch=cfg.batch_size,
+        device=device_arg(device), workers=workers, project=str(project), name="train", exist_ok=True,
+        seed=cfg.seed, deterministic=True, optimizer="AdamW", lr0=cfg.lr, weight_decay=cfg.weight_decay,
+        cos_lr=True, warmup_epochs=min(3.0, max(0.0, cfg.epochs * 0.1)),
+        close_mosaic=min(cfg.close_mosaic, cfg.epochs // 3), amp=amp_arg(device, cfg.amp), cache="ram",
+        single_cls=True, plots=False, verbose=False, val=True, max_det=cfg.max_det,
+        pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic))
 
-    Returns best/last weight paths and the per-epoch history.
-    """
+
+def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device, budget: TimeBudget,
+               on_epoch_end: Callable[[int, dict], None] | None = None) -> EngineFit:
+    """Train from ``cfg`` on ``data_yaml``; per-epoch metrics go into the active MLflow run (step=epoch)."""
     model = load_yolo(cfg.model)
     history: list[dict] = []
     log_to_run = mlflow.active_run() is not None
-
-    pending = {"epoch": False, "budget": False}
-    t_fit = time.perf_counter()
-    budget_s = 60.0 * float(getattr(cfg, "time_budget_min", 0.0) or 0.0)
+    pending = {"epoch": False}
 
     def _train_epoch_end(trainer):
         pending["epoch"] = True
@@ -211,40 +224,63 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device,
         metrics = {"epoch": epoch, **epoch_metrics(trainer)}
         history.append(metrics)
         if log_to_run:
-            mlflow.log_metrics({(f"epoch_{k}" if k in EPOCH_PREFIXED else k): v for k, v in metrics.items()
-                                if k != "epoch" and math.isfinite(v)}, step=epoch)
+            mlflow.log_metrics(finite({k: v for k, v in metrics.items() if k != "epoch"}), step=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
-        elapsed = time.perf_counter() - t_fit
-        if budget_s > 0 and epoch < cfg.epochs - 1 and elapsed + elapsed / (epoch + 1) > budget_s:
-            pending["budget"] = True
+        if budget.should_stop(epoch):
             trainer.stop = True  # Ultralytics checks this right after the callback; best.pt is kept
-            log.warning("time budget of %.1f min reached after %d epochs", budget_s / 60, epoch + 1)
+            log.warning("time budget of %.1f min reached after %d epochs", budget.limit_s / 60, epoch + 1)
 
     model.add_callback("on_train_epoch_end", _train_epoch_end)
     model.add_callback("on_fit_epoch_end", _fit_epoch_end)
-    workers = cfg.num_workers if cfg.num_workers >= 0 else min(4, max(0, (os.cpu_count() or 1) - 1))
-    args = dict(
-        data=str(data_yaml), epochs=cfg.epochs, patience=cfg.patience, imgsz=cfg.imgsz, batch=cfg.batch_size,
-        device=device_arg(device), workers=workers, project=str(project), name="train", exist_ok=True,
-        seed=cfg.seed, deterministic=True, optimizer="AdamW", lr0=cfg.lr, weight_decay=cfg.weight_decay,
-        cos_lr=True, warmup_epochs=min(3.0, max(0.0, cfg.epochs * 0.1)), close_mosaic=min(cfg.close_mosaic,
-                                                                                         cfg.epochs // 3),
-        amp=amp_arg(device, cfg.amp), cache="ram", single_cls=True, plots=False, verbose=False, val=True,
-        max_det=cfg.max_det, pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic),
-    )
-    t0 = time.perf_counter()
-    model.train(trainer=_results_csv_trainer(), **args)
-    seconds = time.perf_counter() - t0
+    budget.start()
+    model.train(trainer=_results_csv_trainer(), **train_args(cfg, data_yaml, project, device))
+    seconds = time.perf_counter() - budget.t0
     trainer = model.trainer
     best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
-    best_epoch = -1
-    if history:
-        fit = [0.1 * h.get("val_map50", 0.0) + 0.9 * h.get("val_map50_95", 0.0) for h in history]
-        best_epoch = int(history[int(np.argmax(fit))]["epoch"])
-    return {"weights": best, "last": Path(trainer.last), "history": history, "train_seconds": seconds,
-            "epochs_run": len(history), "best_epoch": best_epoch, "args": args,
-            "stopped_by_time_budget": pending["budget"]}
+    scores = [fitness(h) for h in history]
+    best_i = int(np.argmax(scores)) if scores else -1
+    return EngineFit(best_epoch=int(history[best_i]["epoch"]) if scores else -1,
+                     best_score=scores[best_i] if scores else float("nan"), epochs_run=len(history),
+                     history=history, train_seconds=seconds,
+                     stopped_early=len(history) < cfg.epochs and not budget.reached,
+                     stopped_by_time_budget=budget.reached, checkpoint=str(best))
+
+
+class YoloEngine:
+    """Ultralytics YOLOv8 on the exported YOLO dataset (``dataset.export_yolo``)."""
+
+    name = "yolo"
+
+    @staticmethod
+    def check(cfg) -> None:
+        resolve_model(cfg.model)  # a missing .pt fails here, before any run is opened
+
+    def slices(self, cfg, prep) -> pd.DataFrame:
+        setup_ultralytics()
+        self.dataset = export_yolo(prep.manifest, prep.split, cfg.in_channels, cfg.neg_fraction, cfg.seed)
+        log_params_once({"model_resolved": resolve_model(cfg.model), "yolo_dataset": str(self.dataset.root),
+                         "yolo_dataset_digest": self.dataset.digest})
+        mlflow.log_artifact(str(self.dataset.data_yaml), artifact_path="data/yolo")
+        return self.dataset.index
+
+    def train(self, cfg, prep, folder: Path, device, on_epoch_end, budget: TimeBudget) -> EngineFit:
+        fit = train_yolo(cfg, self.dataset.data_yaml, folder / "yolo", device, budget, on_epoch_end)
+        for extra in ("args.yaml", "results.csv"):
+            if (fit.weights.parent.parent / extra).exists():
+                mlflow.log_artifact(str(fit.weights.parent.parent / extra), artifact_path="yolo")
+        fit.model_config = {"engine": self.name, "imgsz": cfg.imgsz, "in_channels": cfg.in_channels,
+                            "max_det": cfg.max_det, "model": resolve_model(cfg.model)}
+        self.predictor = YoloPredictor(fit.weights, cfg.imgsz, device, cfg.max_det)
+        return fit
+
+    def predict(self, part: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every box down to ``BOX_CONF`` per row of ``part``, in the original pixel frame."""
+        return self.predictor(list(part["image"]), conf=BOX_CONF)
+
+    @staticmethod
+    def load_predictor(weights, config: dict, device) -> "YoloPredictor":
+        return YoloPredictor(weights, config["imgsz"], device, config.get("max_det", 50))
 
 
 def _three_channels(im: np.ndarray) -> np.ndarray:

@@ -17,11 +17,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from ichflow.engine import figures
-from ichflow.engine.stats import patient_bootstrap_ci
+from ichflow.data.scans import iter_scans
+from ichflow.engine.stats import finite, patient_bootstrap_ci
 from ichflow.errors import DataError
-from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.multilabel import metrics as mm
+from ichflow.tasks.multilabel.report import log_per_class, log_predictions, log_split_figures
 
 log = logging.getLogger(__name__)
 
@@ -51,31 +51,24 @@ def check_data(model, part: pd.DataFrame) -> None:
                                 "(PHE-SICH-CT-IDS has no subtype labels: use CT-ICH or a labels CSV)")
 
 
-def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
-    """Log the subtype metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
-    from ichflow.data.scans import iter_scans
-
-    check_data(model, part)
-    classes, thresholds = _classes_and_thresholds(model)
+def served_probabilities(pyfunc, part: pd.DataFrame, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
+    """(rows of ``part`` in scan order, (n, k) probabilities of the served model), scan by scan."""
     rows, probs = [], []
+    cols = [f"{c}_probability" for c in classes]
     for pid, group, slices in iter_scans(part):
-        out = model.pyfunc.predict(slices)
-        cols = [f"{c}_probability" for c in classes]
+        out = pyfunc.predict(slices)
         if not isinstance(out, pd.DataFrame) or not set(cols) <= set(out.columns) or len(out) != len(group):
             raise ValueError(f"the model's output for patient {pid} lacks per-slice columns {cols}")
         rows.append(group.index.to_numpy())
         probs.append(out[cols].to_numpy(float))
-    order = np.concatenate(rows)
-    frame = part.loc[order].reset_index(drop=True)
-    P = np.concatenate(probs)
-    Y = frame[classes].astype("Float64").fillna(0).to_numpy(dtype=np.float32)
-    pred = P >= thresholds[None, :]
+    return part.loc[np.concatenate(rows)].reset_index(drop=True), np.concatenate(probs)
 
-    metrics = mm.multilabel_metrics(Y, P, thresholds, classes)
-    metrics.update({f"{c}_threshold": float(t) for c, t in zip(classes, thresholds)})
-    metrics.update({f"support_{k}": v for k, v in mm.support(frame, Y, classes).items()})
-    boot = pd.DataFrame({"patient_id": frame["patient_id"].astype(str).to_numpy(), "i": np.arange(len(frame))})
-    seed = int(float(model.train_params.get("seed", 0) or 0))
+
+def patient_cis(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str], pids, metrics: dict,
+                seed: int) -> dict:
+    """``<name>_ci_low`` / ``_ci_high`` of the macro / micro scores, by a bootstrap over patients."""
+    boot = pd.DataFrame({"patient_id": np.asarray(pids).astype(str), "i": np.arange(len(y))})
+    out = {}
     for name in CI_METRICS:
         if metrics.get(name) != metrics.get(name):
             continue
@@ -84,33 +77,27 @@ def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
             idx = f["i"].to_numpy()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return mm.multilabel_metrics(Y[idx], P[idx], thresholds, classes)[name]
-        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = patient_bootstrap_ci(boot, stat, n_boot=N_BOOT,
-                                                                                       seed=seed)
-    out = {f"{prefix}_{k}": v for k, v in metrics.items()}
-    mlflow.log_metrics(sc.finite(out))
+                return mm.multilabel_metrics(y[idx], p[idx], thresholds, classes)[name]
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = patient_bootstrap_ci(boot, stat, n_boot=N_BOOT, seed=seed)
+    return out
 
-    table = frame[["patient_id", "slice_index"]].copy()
-    for j, c in enumerate(classes):
-        table[c] = Y[:, j].astype(int)
-        table[f"{c}_probability"] = P[:, j]
-        table[f"{c}_pred"] = pred[:, j].astype(int)
-    mlflow.log_text(table.to_csv(index=False), f"eval/{prefix}_predictions.csv")
-    per_class = pd.DataFrame([{"class": c, "threshold": thresholds[j],
-                               **{k: metrics[f"{c}_{k}"] for k in mm.PER_CLASS},
-                               "slices": metrics[f"support_{c}_slices"], "patients": metrics[f"support_{c}_patients"]}
-                              for j, c in enumerate(classes)])
-    mlflow.log_text(per_class.to_csv(index=False), f"eval/{prefix}_per_class.csv")
-    fig = mm.multilabel_confusion_figure(Y, P, thresholds, classes, title=f"{prefix}: per-class confusion")
-    mlflow.log_figure(fig, f"figures/{prefix}_multilabel_confusion.png")
-    figures.close(fig)
-    fig = mm.cooccurrence_figure(Y, frame["patient_id"].to_numpy(), classes, pred)
-    mlflow.log_figure(fig, f"figures/{prefix}_cooccurrence.png")
-    figures.close(fig)
-    for j, c in enumerate(classes):
-        t = Y[:, j] > 0
-        if 0 < t.sum() < len(t):
-            fig = figures.roc_pr_figure(t, P[:, j], title=f"{c}: {prefix}")
-            mlflow.log_figure(fig, f"figures/{prefix}_roc_pr_{c}.png")
-            figures.close(fig)
+
+def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
+    """Log the subtype metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
+    check_data(model, part)
+    classes, thresholds = _classes_and_thresholds(model)
+    frame, p = served_probabilities(model.pyfunc, part, classes)
+    y = frame[classes].astype("Float64").fillna(0).to_numpy(dtype=np.float32)
+    pred = p >= thresholds[None, :]
+    pids = frame["patient_id"].to_numpy()
+    metrics = mm.multilabel_metrics(y, p, thresholds, classes)
+    metrics.update({f"{c}_threshold": float(t) for c, t in zip(classes, thresholds)})
+    metrics.update({f"support_{k}": v for k, v in mm.support(frame, y, classes).items()})
+    seed = int(float(model.train_params.get("seed", 0) or 0))
+    metrics.update(patient_cis(y, p, thresholds, classes, pids, metrics, seed))
+    out = {f"{prefix}_{k}": v for k, v in metrics.items()}
+    mlflow.log_metrics(finite(out))
+    log_predictions(prefix, frame, y, p, pred, classes)
+    log_per_class(prefix, metrics, thresholds, classes)
+    log_split_figures(prefix, y, p, pred, pids, classes, title=prefix)
     return out

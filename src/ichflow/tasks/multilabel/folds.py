@@ -15,6 +15,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from ichflow.errors import ParameterError
+
 
 class FoldWarning(UserWarning):
     """A class cannot have positives in every fold (or the folds could not give it that)."""
@@ -87,7 +89,8 @@ def cv_folds(manifest: pd.DataFrame, split: pd.DataFrame, classes: list[str], n_
         keep = set(split.loc[split["split"] != "test", "patient_id"].astype(str))
         plabels = plabels[plabels.index.isin(keep)]
     if len(plabels) < n_folds:
-        raise ValueError(f"{len(plabels)} patients cannot fill n_folds={n_folds} folds")
+        raise ParameterError("n_folds", f"{len(plabels)} patients cannot fill {n_folds} folds; use fewer folds "
+                                        "or more patients")
     given = split.assign(patient_id=split["patient_id"].astype(str)).set_index("patient_id")["fold"]
     given = given.reindex(plabels.index)
     source = "split.fold"

@@ -20,10 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -33,6 +30,7 @@ from ichflow.data.images import read_gray
 from ichflow.data.manifest import SUBTYPES, make_manifest, save_manifest
 from ichflow.data.report import ValidationReport
 from ichflow.data.splits import split_patients
+from ichflow.engine.files import atomic_dir
 from ichflow.errors import DataError
 from ichflow.paths import prepared_dir
 from ichflow.prepare import Prepared
@@ -149,9 +147,7 @@ def prepare_labels_csv(cfg) -> Prepared:
     key = frame_digest(manifest) + frame_digest(split)
     out_dir = prepared_dir() / f"csv-real-{key[:12]}"
     if not (out_dir / "manifest.csv").exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".prep-"))
-        try:
+        with atomic_dir(out_dir) as tmp:
             save_manifest(manifest, tmp / "manifest.csv")
             split.to_csv(tmp / "split.csv", index=False)
             (tmp / "validation_report.md").write_text(report.to_markdown())
@@ -159,11 +155,5 @@ def prepare_labels_csv(cfg) -> Prepared:
             fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
             (tmp / "config.json").write_text(json.dumps({**fields, "reader": "csv", "source": "real"}, indent=2,
                                                         default=str))
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return Prepared("csv", "real", Path(cfg.data_dir).expanduser().resolve().parent, manifest, split, report,
                     out_dir)

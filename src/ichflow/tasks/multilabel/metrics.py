@@ -72,6 +72,34 @@ def aggregate(per_fold: list[dict]) -> dict:
     return out
 
 
+def pooled_metrics(y: np.ndarray, p: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict:
+    """Out-of-fold metrics: every CV patient scored once by the model that did not see it, ``pred`` made
+    with that fold's own thresholds (so the cut is given, not one threshold per class)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    y = np.asarray(y) > 0
+    out: dict = {}
+    tp = fp = fn = 0
+    aucs, f1s = [], []
+    for j, c in enumerate(classes):
+        t, q = y[:, j], pred[:, j]
+        ctp, cfp, cfn = int((t & q).sum()), int((~t & q).sum()), int((t & ~q).sum())
+        tp, fp, fn = tp + ctp, fp + cfp, fn + cfn
+        out[f"{c}_precision"] = ctp / (ctp + cfp) if ctp + cfp else 0.0
+        out[f"{c}_recall"] = ctp / (ctp + cfn) if ctp + cfn else float("nan")
+        out[f"{c}_f1"] = 2 * ctp / (2 * ctp + cfp + cfn) if t.any() else float("nan")
+        if 0 < t.sum() < len(t):
+            out[f"{c}_roc_auc"] = float(roc_auc_score(t, p[:, j]))
+            out[f"{c}_pr_auc"] = float(average_precision_score(t, p[:, j]))
+            aucs.append(out[f"{c}_roc_auc"])
+        if out[f"{c}_f1"] == out[f"{c}_f1"]:
+            f1s.append(out[f"{c}_f1"])
+    out["macro_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+    out["macro_f1"] = float(np.mean(f1s)) if f1s else float("nan")
+    out["micro_f1"] = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+    return out
+
+
 def multilabel_confusion_figure(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str], title: str = ""):
     """One 2x2 confusion matrix per class (counts, with row-normalised fractions)."""
     from sklearn.metrics import multilabel_confusion_matrix

@@ -16,6 +16,7 @@ import torch
 
 from ichflow.engine.augment import Normalizer, build_augment
 from ichflow.engine.device import autocast
+from ichflow.engine.scan import as_scan, neighbours
 from ichflow.engine.slices import stack_channels
 
 HEAD_LEVEL = 15      # 8-bit brain-window intensity above which a pixel counts as head (air is 0)
@@ -103,29 +104,18 @@ def crop_padded(arr: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
     return out
 
 
-def scan_neighbours(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """prev/next indices of the slices of one scan given in axial order (edge replication)."""
-    idx = np.arange(n)
-    return np.maximum(idx - 1, 0), np.minimum(idx + 1, n - 1)
-
-
 @torch.inference_mode()
 def predict_scan(model: torch.nn.Module, slices: np.ndarray, normalizer: Normalizer, channels: int,
                  device: torch.device, batch_size: int = 4, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
-    """(probabilities, logits) float32 (N, H, W) for the 8-bit slices of ONE scan in axial order.
+    """(probabilities, logits) float32 (N, H, W) for the 8-bit slices of ONE scan in axial order
+    (anything :func:`~ichflow.engine.scan.as_scan` accepts: uint8, or float 0..255, which is rounded).
 
     The model must be in eval mode. Slices are padded (bottom/right, with 0) to a multiple of 32.
     """
-    slices = np.asarray(slices)
-    if slices.ndim == 2:
-        slices = slices[None]
-    if slices.ndim != 3:
-        raise ValueError(f"expected (N, H, W) slices of one scan, got shape {slices.shape}")
-    if slices.dtype != np.uint8:
-        slices = np.clip(np.rint(slices.astype(np.float32)), 0, 255).astype(np.uint8)
+    slices = as_scan(slices)
     n, h, w = slices.shape
     ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
-    prev_idx, next_idx = scan_neighbours(n)
+    prev_idx, next_idx = neighbours(n)
     logits = np.empty((n, h, w), np.float32)
     for start in range(0, n, batch_size):
         rows = range(start, min(n, start + batch_size))

@@ -1,8 +1,8 @@
 """Segmentation metrics of a served model on any labelled data (the ``evaluate`` entry point).
 
-The pyfunc's probabilities of each scan go through the training run's own counting and summary
-(:func:`metrics.accumulate`, :class:`metrics.SplitStats`, :func:`metrics.summarise`) and its logging of a
-split (per-patient table, metrics JSON, pixel confusion, best/median/worst overlays), under ``prefix``.
+The pyfunc's probabilities of each scan go through the training run's own counting
+(:func:`evaluate.collect`) and report of a split (:func:`report.log_split`: metrics, per-patient table,
+metrics JSON, threshold sweep, pixel confusion, best/median/worst overlays), under ``prefix``.
 Only the loss is missing (the pyfunc returns probabilities, not logits).
 """
 
@@ -12,9 +12,11 @@ import numpy as np
 import pandas as pd
 
 from ichflow.data.images import read_gray
+from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
-from ichflow.tasks.segmentation import evaluate as ev
-from ichflow.tasks.segmentation.metrics import SplitStats, accumulate, summarise
+from ichflow.tasks.segmentation.evaluate import THRESHOLDS, collect
+from ichflow.tasks.segmentation.metrics import SplitStats
+from ichflow.tasks.segmentation.report import log_split
 
 
 def _param(params: dict, key: str, default, cast=float):
@@ -39,29 +41,14 @@ def _truth(group: pd.DataFrame, shape) -> np.ndarray:
 
 def split_stats(model, part: pd.DataFrame, thresholds) -> SplitStats:
     """Counts of every patient of ``part`` at every threshold, from the pyfunc's whole-scan probabilities."""
-    from ichflow.data.scans import iter_scans
+    def scans():
+        for pid, group, slices in iter_scans(part):
+            probs = np.asarray(model.predict(slices), dtype=np.float32)
+            if probs.shape != slices.shape:
+                raise ValueError(f"the model returned shape {probs.shape} for a scan of shape {slices.shape}")
+            yield pid, group["slice_index"].to_numpy(), slices, _truth(group, slices.shape[1:]), probs, None
 
-    thresholds = np.asarray(thresholds, float)
-    patients, counts, s_truth, s_pred, s_patient, s_index, examples = [], [], [], [], [], [], {}
-    for p, (pid, group, slices) in enumerate(iter_scans(part)):
-        truth = _truth(group, slices.shape[1:])
-        probs = np.asarray(model.predict(slices), dtype=np.float32)
-        if probs.shape != slices.shape:
-            raise ValueError(f"the model returned shape {probs.shape} for a scan of shape {slices.shape}")
-        c, st, sp = accumulate(probs, truth, thresholds)
-        patients.append(pid)
-        counts.append(c)
-        s_truth.append(st)
-        s_pred.append(sp)
-        s_patient.append(np.full(len(group), p))
-        s_index.append(group["slice_index"].to_numpy())
-        k = int(np.argmax(st)) if st.max() > 0 else int(np.argmax(sp[:, len(thresholds) // 2]))
-        examples[pid] = (slices[k].copy(), truth[k].copy(), probs[k].astype(np.float16),
-                         int(group["slice_index"].iloc[k]))
-    return SplitStats(patients=patients, thresholds=thresholds, counts=np.stack(counts),
-                      slice_truth=np.concatenate(s_truth), slice_pred=np.concatenate(s_pred),
-                      slice_patient=np.concatenate(s_patient), slice_index=np.concatenate(s_index),
-                      examples=examples)
+    return collect(scans(), thresholds)
 
 
 def check_data(model, part: pd.DataFrame) -> None:
@@ -75,16 +62,12 @@ def check_data(model, part: pd.DataFrame) -> None:
 
 def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     """Log the segmentation metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
-    from ichflow.tasks.segmentation.train import _log_split
-
     check_data(model, part)
     params = model.train_params
     threshold = float(model.meta.get("threshold", 0.5))
-    grid = sorted({*ev.THRESHOLDS, round(threshold, 6)})
+    grid = sorted({*THRESHOLDS, round(threshold, 6)})
     pixel_mm = _param(params, "pixel_spacing_mm", float(model.meta.get("pixel_spacing_mm", 0.508)))
     slice_mm = _param(params, "slice_thickness_mm", float(model.meta.get("slice_thickness_mm", 5.0)))
     min_pixels = _param(params, "detect_min_pixels", 1, int)
     stats = split_stats(model.pyfunc, part, grid)
-    metrics, table = summarise(stats, threshold, pixel_mm, slice_mm, min_pixels)
-    _log_split(prefix, metrics, table, stats, threshold, step=0)
-    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+    return log_split(prefix, stats, threshold, 0, pixel_mm, slice_mm, min_pixels)

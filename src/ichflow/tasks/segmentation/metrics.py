@@ -23,7 +23,6 @@ Conventions (tested in tests/test_segmentation_metrics.py)
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -191,8 +190,3 @@ def select_threshold(stats: SplitStats) -> tuple[float, np.ndarray]:
     means = d.mean(axis=0)
     return float(stats.thresholds[int(np.argmax(means))]), means
 
-
-def finite(metrics: dict) -> dict:
-    """Only the finite numbers (what MLflow gets)."""
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v))}

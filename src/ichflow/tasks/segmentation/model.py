@@ -1,14 +1,14 @@
-"""Model factory (segmentation-models-pytorch), local encoder weights, loss, optimiser schedule."""
+"""The smp engine's model factory and local encoder weights; the loss and the optimiser schedule of every engine."""
 
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import torch
 
+from ichflow.engine.schedule import warmup_cosine
 from ichflow.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,27 +41,29 @@ def model_spec(arch: str, encoder: str, in_channels: int, decoder_channels) -> d
             "decoder_channels": list(parse_channels(decoder_channels))}
 
 
-def build_model(spec: dict) -> torch.nn.Module:
-    """smp model with one output channel (logits of PHE), random init (weights are loaded separately).
-
-    ``decoder_channels``: Unet/UnetPlusPlus take all five; FPN uses the first two as pyramid and
-    segmentation channels; Segformer uses the first as its segmentation channels.
-    """
-    arch, ch = spec["arch"], list(spec["decoder_channels"])
-    kwargs: dict = {}
+def decoder_kwargs(arch: str, channels) -> dict:
+    """smp keyword arguments for ``decoder_channels``: Unet/UnetPlusPlus take all five; FPN uses the first two as
+    pyramid and segmentation channels; Segformer uses the first as its segmentation channels."""
+    ch = list(channels)
     if arch in ("Unet", "UnetPlusPlus"):
         if len(ch) != 5:
             raise ValueError(f"decoder_channels for {arch} needs 5 values (one per decoder stage), got {ch}")
-        kwargs["decoder_channels"] = ch
-    elif arch == "FPN":
-        kwargs.update(decoder_pyramid_channels=ch[0], decoder_segmentation_channels=ch[1] if len(ch) > 1 else ch[0])
-    elif arch == "Segformer":
-        kwargs["decoder_segmentation_channels"] = ch[0]
+        return {"decoder_channels": ch}
+    if arch == "FPN":
+        return {"decoder_pyramid_channels": ch[0], "decoder_segmentation_channels": ch[1] if len(ch) > 1 else ch[0]}
+    if arch == "Segformer":
+        return {"decoder_segmentation_channels": ch[0]}
+    return {}
+
+
+def build_model(spec: dict) -> torch.nn.Module:
+    """smp model with one output channel (logits of PHE), random init (weights are loaded separately)."""
+    kwargs = decoder_kwargs(spec["arch"], spec["decoder_channels"])
     try:
-        return smp.create_model(arch, encoder_name=spec["encoder"], encoder_weights=None,
+        return smp.create_model(spec["arch"], encoder_name=spec["encoder"], encoder_weights=None,
                                 in_channels=spec["in_channels"], classes=1, **kwargs)
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"cannot build {arch} with encoder {spec['encoder']!r}: {exc}") from exc
+        raise ValueError(f"cannot build {spec['arch']} with encoder {spec['encoder']!r}: {exc}") from exc
 
 
 def load_encoder_weights(model: torch.nn.Module, weights: str) -> int:
@@ -72,6 +74,30 @@ def load_encoder_weights(model: torch.nn.Module, weights: str) -> int:
     number of input channels is adapted (summed to 1 channel, or spread over 3). Nothing is downloaded.
     """
     path = Path(weights).expanduser()
+    state = _read_state_dict(path)
+    full = model.state_dict()
+    if set(state) == set(full) and all(state[k].shape == full[k].shape for k in full):
+        model.load_state_dict(state)
+        return len(state)
+    target = model.encoder.state_dict()
+    loaded = {}
+    for key, value in state.items():
+        name = key
+        for prefix in ("module.", "model.", "encoder."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if name in target and torch.is_tensor(value):
+            value = _adapt_channels(value, target[name])
+            if value.shape == target[name].shape:
+                loaded[name] = value
+    if not loaded:
+        raise DataError(path, f"encoder_weights: no tensor matches the {type(model.encoder).__name__} encoder")
+    model.encoder.load_state_dict(loaded, strict=False)
+    log.info("loaded %d/%d encoder tensors from %s", len(loaded), len(target), path)
+    return len(loaded)
+
+
+def _read_state_dict(path: Path) -> dict:
     if not path.is_file():
         raise DataError(path, "encoder_weights: not a file (use 'none' or a local weights file; "
                               "nothing is downloaded)")
@@ -84,31 +110,16 @@ def load_encoder_weights(model: torch.nn.Module, weights: str) -> int:
             state = state[key]
     if not isinstance(state, dict):
         raise DataError(path, "encoder_weights: expected a state dict")
-    full = model.state_dict()
-    if set(state) == set(full) and all(state[k].shape == full[k].shape for k in full):
-        model.load_state_dict(state)
-        return len(state)
-    target = model.encoder.state_dict()
-    loaded = {}
-    for key, value in state.items():
-        name = key
-        for prefix in ("module.", "model.", "encoder."):
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        if name not in target or not torch.is_tensor(value):
-            continue
-        want = target[name]
-        if value.shape != want.shape and value.dim() == 4 and value.shape[0] == want.shape[0] \
-                and value.shape[2:] == want.shape[2:]:
-            value = value.sum(dim=1, keepdim=True) if want.shape[1] == 1 else \
-                value.mean(dim=1, keepdim=True).repeat(1, want.shape[1], 1, 1)
-        if value.shape == want.shape:
-            loaded[name] = value
-    if not loaded:
-        raise DataError(path, f"encoder_weights: no tensor matches the {type(model.encoder).__name__} encoder")
-    model.encoder.load_state_dict(loaded, strict=False)
-    log.info("loaded %d/%d encoder tensors from %s", len(loaded), len(target), path)
-    return len(loaded)
+    return state
+
+
+def _adapt_channels(value: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """A first convolution trained on another number of input channels: summed to 1, or spread over 3."""
+    if value.shape != want.shape and value.dim() == 4 and value.shape[0] == want.shape[0] \
+            and value.shape[2:] == want.shape[2:]:
+        return value.sum(dim=1, keepdim=True) if want.shape[1] == 1 else \
+            value.mean(dim=1, keepdim=True).repeat(1, want.shape[1], 1, 1)
+    return value
 
 
 def build_loss(spec: str):
@@ -139,7 +150,7 @@ def build_loss(spec: str):
 
 
 def build_scheduler(optimizer, name: str, total_steps: int, warmup_fraction: float, lr: float):
-    """Per-step schedule: linear warm-up then cosine decay to 1 % (``cosine``), OneCycle, or constant."""
+    """Per-step schedule: linear warm-up then cosine decay (``cosine``), OneCycle, or constant (None)."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {name!r}")
     total_steps = max(1, total_steps)
@@ -148,12 +159,4 @@ def build_scheduler(optimizer, name: str, total_steps: int, warmup_fraction: flo
                                                    pct_start=max(0.01, min(0.5, warmup_fraction or 0.3)))
     if name == "constant":
         return None
-    warm = int(round(warmup_fraction * total_steps))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        prog = min(1.0, (step - warm) / max(1, total_steps - warm))
-        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * prog))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return warmup_cosine(optimizer, total_steps, warmup_fraction)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,8 +13,11 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from ichflow.engine.augment import Normalizer
 from ichflow.engine.device import resolve_device
+from ichflow.engine.modelio import log_pyfunc
+from ichflow.engine.scan import as_scan
 from ichflow.tasks.segmentation.data import predict_scan
-from ichflow.tasks.segmentation.model import build_model
+from ichflow.paths import MODEL_CONFIG
+from ichflow.tasks.segmentation.engines import build_network
 
 OUTPUTS = ("probability", "mask")
 
@@ -33,7 +37,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["config"]) as fh:
             self.config = json.load(fh)
         self.device = resolve_device("auto")
-        self.model = build_model(self.config["model"])
+        self.model = build_network(self.config["model"])
         state = torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True)
         self.model.load_state_dict(state)
         self.model.to(self.device).to(memory_format=torch.channels_last).eval()
@@ -43,7 +47,7 @@ class SegmentationModel(mlflow.pyfunc.PythonModel):
         output = (params or {}).get("output", "probability")
         if output not in OUTPUTS:
             raise ValueError(f"params.output must be one of {OUTPUTS}, got {output!r}")
-        probs, _ = predict_scan(self.model, np.asarray(model_input), self.normalizer,
+        probs, _ = predict_scan(self.model, as_scan(model_input), self.normalizer,
                                 self.config["model"]["in_channels"], self.device)
         if output == "mask":
             return (probs >= self.config["threshold"]).astype(np.uint8)
@@ -54,3 +58,17 @@ def signature() -> ModelSignature:
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
                           outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]),
                           params=ParamSchema([ParamSpec("output", "string", "probability")]))
+
+
+def log_model(weights: str | Path, config: dict, example: np.ndarray, registered_name: str | None):
+    """Write ``config`` (model spec, normalisation, threshold, target, voxel size) as model_config.json next to
+    ``weights`` and log the pyfunc, registered under ``registered_name`` when given; MLflow's ModelInfo."""
+    path = Path(weights).parent / MODEL_CONFIG
+    path.write_text(json.dumps(config, indent=2))
+    spec = config["model"]
+    return log_pyfunc(SegmentationModel(), {"weights": str(weights), "config": str(path)}, signature(), example,
+                      registered_name,
+                      metadata={"task": "segmentation", "target": config["target"], "threshold": config["threshold"],
+                                **{k: spec[k] for k in ("engine", "arch", "encoder", "in_channels") if k in spec},
+                                "input": "uint8 (N, H, W) slices of one scan, axial order",
+                                "output": "float32 (N, H, W) PHE probability; params output=mask -> 0/1"})

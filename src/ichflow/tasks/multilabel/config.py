@@ -1,0 +1,72 @@
+"""Parameters of the multi-label subtype classifier, its presets and the parsing of its list parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ichflow.errors import ParameterError
+from ichflow.tasks.common import TrainConfig
+from ichflow.tasks.spec import TASKS
+
+REGISTERED_NAME = TASKS["multilabel"].registered_name
+FINAL_MODELS = ("best_fold", "refit")
+SAMPLERS = ("none", "balanced")
+POS_WEIGHTS = ("prevalence", "none")
+
+PRESETS = {
+    # CT-ICH (82 patients, 2,501 slices), 5 folds. The balanced sampler draws half the batch from slices with
+    # a bleed of a selected class; an epoch is steps_per_epoch batches.
+    "ctich": {"dataset": "ctich", "image_size": 128, "epochs": 6, "patience": 3, "batch_size": 16,
+              "steps_per_epoch": 30, "sampler": "balanced", "lr": 1e-3},
+}
+
+
+@dataclass
+class MultilabelConfig(TrainConfig):
+    """Multi-label subtype classifier (timm CNN, k sigmoid outputs), evaluated by patient-level k-fold CV."""
+
+    dataset: str = "synthetic-ctich"  # also ctich, or csv (data_dir = a labels CSV image,<class>,...)
+    synthetic_patients: int = 20      # phantom when no data_dir: 20 patients x 8 slices, each class in 8 patients
+    synthetic_slices: int = 8
+    classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
+    model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
+    pretrained: str = ""              # '' = from scratch; or the path of a local weights file
+    image_size: int = 128
+    batch_size: int = 8
+    epochs: int = 18
+    patience: int = 8
+    lr: float = 3e-3
+    aug_strength: float = 0.3
+    pos_weight: str = "prevalence"    # prevalence (negatives / positives in training) | none
+    pos_weight_multipliers: str = ""  # per-class factors on pos_weight, e.g. "1,2,0.5" ('' = all 1)
+    sampler: str = "none"             # none | balanced (half of each batch has a bleed of a selected class)
+    steps_per_epoch: int = 0          # 0 = one pass over the training slices
+    threshold_goal: str = "f1"        # per class on inner validation: f1 | recall (>= target_recall)
+    target_recall: float = 0.9
+    final_model: str = "best_fold"    # best_fold | refit (see the package doc)
+
+
+def parse_classes(text: str) -> list[str]:
+    classes = [c.strip() for c in str(text).split(",") if c.strip()]
+    if not classes:
+        raise ParameterError("classes", "is empty; e.g. classes=IVH,IPH,SAH")
+    if len(set(classes)) != len(classes):
+        raise ParameterError("classes", f"has duplicates: {classes}")
+    return classes
+
+
+def parse_multipliers(text: str, n: int) -> np.ndarray:
+    if not str(text).strip():
+        return np.ones(n, dtype=np.float32)
+    name = "pos_weight_multipliers"
+    try:
+        vals = np.array([float(v) for v in str(text).split(",")], dtype=np.float32)
+    except ValueError as exc:
+        raise ParameterError(name, f"must be comma-separated numbers; got {text!r}") from exc
+    if len(vals) != n:
+        raise ParameterError(name, f"has {len(vals)} values for {n} classes")
+    if (vals <= 0).any():
+        raise ParameterError(name, f"must be > 0; got {text!r}")
+    return vals

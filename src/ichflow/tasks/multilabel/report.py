@@ -1,0 +1,88 @@
+"""Per-split logging of the subtype model, for the training run's ``report`` and the ``evaluate`` entry point.
+
+Split ``<split>`` (``oof`` = pooled out-of-fold, ``eval`` = an external evaluation, ``heldout`` = a fold's
+held-out patients): ``eval/<split>_predictions.csv`` (truth, probability and prediction per class and slice),
+``eval/<split>_per_class.csv``, ``figures/<split>_multilabel_confusion.png``, ``figures/<split>_cooccurrence.png``
+and ``figures/<split>_roc_pr_<class>.png``. The cross-validation tables are split ``cv``: ``eval/cv_folds.csv``
+(fold of every patient), ``eval/cv_fold_metrics.csv``, ``eval/cv_support_per_fold.csv``, ``eval/cv_summary.md``.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from ichflow.engine import figures
+from ichflow.paths import eval_artifact, figure_artifact
+from ichflow.tasks.multilabel import metrics as mm
+
+
+def log_predictions(split: str, slices: pd.DataFrame, y: np.ndarray, p: np.ndarray, pred: np.ndarray,
+                    classes: list[str]) -> None:
+    """``eval/<split>_predictions.csv``: patient_id, slice_index and per class truth / probability / 0-1."""
+    table = slices[["patient_id", "slice_index"]].reset_index(drop=True)
+    for j, c in enumerate(classes):
+        table[c] = np.asarray(y)[:, j].astype(int)
+        table[f"{c}_probability"] = np.asarray(p)[:, j]
+        table[f"{c}_pred"] = np.asarray(pred)[:, j].astype(int)
+    mlflow.log_text(table.to_csv(index=False), eval_artifact(split, "predictions"))
+
+
+def log_per_class(split: str, metrics: dict, thresholds, classes: list[str]) -> None:
+    """``eval/<split>_per_class.csv``: threshold, metrics and support of every class (un-prefixed metrics)."""
+    rows = [{"class": c, "threshold": float(t), **{k: metrics[f"{c}_{k}"] for k in mm.PER_CLASS},
+             "slices": metrics[f"support_{c}_slices"], "patients": metrics[f"support_{c}_patients"]}
+            for c, t in zip(classes, thresholds)]
+    mlflow.log_text(pd.DataFrame(rows).to_csv(index=False), eval_artifact(split, "per_class"))
+
+
+def log_split_figures(split: str, y: np.ndarray, p: np.ndarray, pred: np.ndarray, pids: np.ndarray,
+                      classes: list[str], title: str) -> None:
+    """Per-class confusion (of ``pred``), label co-occurrence, and ROC / PR per class with both outcomes."""
+    _log(mm.multilabel_confusion_figure(y, np.asarray(pred, dtype=float), np.full(len(classes), 0.5), classes,
+                                        title=f"{title}: per-class confusion"),
+         figure_artifact(split, "multilabel_confusion"))
+    _log(mm.cooccurrence_figure(y, np.asarray(pids), classes, pred), figure_artifact(split, "cooccurrence"))
+    for j, c in enumerate(classes):
+        t = np.asarray(y)[:, j] > 0
+        if 0 < t.sum() < len(t):
+            _log(figures.roc_pr_figure(t, np.asarray(p)[:, j], title=f"{c}: {title}"),
+                 figure_artifact(split, f"roc_pr_{c}"))
+
+
+def log_fold_table(table: pd.DataFrame) -> None:
+    """``eval/cv_folds.csv``: patient_id, fold and the patient's class flags."""
+    mlflow.log_text(table.to_csv(index=False), eval_artifact("cv", "folds"))
+
+
+def log_cv_tables(fold_rows: list[dict], fold_support: list[dict], agg: dict, sup: dict, classes: list[str],
+                  n_folds: int) -> None:
+    """Per-fold metrics and support, and the markdown summary (held-out ``cv_*`` and inner ``val_*``)."""
+    mlflow.log_text(pd.DataFrame(fold_rows).to_csv(index=False), eval_artifact("cv", "fold_metrics"))
+    mlflow.log_text(pd.DataFrame(fold_support).to_csv(index=False), eval_artifact("cv", "support_per_fold"))
+    text = ["# Subtype cross-validation", "",
+            f"{n_folds} patient-level folds; held-out metrics mean ± sd over folds (folds where defined).", "",
+            mm.summary_markdown(agg, sup, classes, prefix="cv"), "",
+            "Inner validation (threshold / checkpoint selection), mean ± sd:", "",
+            mm.summary_markdown(agg, sup, classes, prefix="val")]
+    mlflow.log_text("\n".join(text), eval_artifact("cv", "summary", "md"))
+
+
+def cv_lines(result, support: dict, classes: list[str]) -> list[str]:
+    """Summary lines of the held-out CV estimate (none when it was not reported)."""
+    def ms(key):
+        m, s = result.get(f"cv_{key}"), result.get(f"cv_{key}_sd")
+        return "n/a" if m is None else f"{m:.3f} ± {s:.3f}"
+
+    if "cv_macro_auc" not in result:
+        return []
+    lines = [f"{c}: {support[f'{c}_slices']} slices / {support[f'{c}_patients']} patients; held-out AUC "
+             f"{ms(c + '_roc_auc')}, F1 {ms(c + '_f1')}" for c in classes]
+    return lines + [f"held-out macro AUC {ms('macro_auc')}, macro F1 {ms('macro_f1')}; pooled out-of-fold macro "
+                    f"AUC {result.get('oof_macro_auc', float('nan')):.3f}; final model {result.get('final_model')}"]
+
+
+def _log(fig, path: str) -> None:
+    mlflow.log_figure(fig, path)
+    figures.close(fig)
