@@ -142,10 +142,23 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
         try:
             champ = client.get_model_version_by_alias(name, "champion")
         except MlflowException:
-            problems.append(f"registered model {name} has no @champion")
+            champ = None
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            problems.append(f"registered model {name} has no version")
             continue
-        pages.append({"name": f"model-{name}", "route": f"#/models/{name}",
-                      "expect": [name, "champion", f"Version {champ.version}"]})
+        newest = max(versions, key=lambda v: int(v.version))
+        if champ is None and newest.tags.get("ichflow.decision") not in ("below_floor", "degenerate"):
+            problems.append(f"registered model {name} has no @champion, and its newest version was not stopped by "
+                            "the quality gate")
+            continue
+        # the model page says what the model does (and names its champion when the gate let one through)
+        expect = [name, TASK_SPECS[task].summary.split(".")[0]] + (["champion", f"Version {champ.version}"]
+                                                                   if champ else ["No @champion yet"])
+        pages.append({"name": f"model-{name}", "route": f"#/models/{name}", "expect": expect})
+        shown = champ or newest   # the version page leads with the decision
+        pages.append({"name": f"model-{name}-v{shown.version}", "route": f"#/models/{name}/versions/{shown.version}",
+                      "expect": [f"Version {shown.version}", "Decision:"]})
 
     tune = exps.get("ichflow-tune")
     if not study:

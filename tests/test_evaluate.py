@@ -16,15 +16,19 @@ import pandas as pd
 import pytest
 
 from ichflow.data.images import read_gray
-from ichflow.errors import DataError, UserError
+from ichflow.errors import DataError
 from ichflow.evaluation import EvaluateConfig, run_evaluate
+from ichflow.data.splits import subset
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.registry import PromoteConfig, load_rule, run_promote
-from ichflow.tasks.spec import TASKS
+from ichflow.tasks.spec import DEGENERATE_TAG, TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 # metrics of the training run the served model cannot reproduce: the loss needs logits (pyfunc: probabilities)
 NOT_REPRODUCED = {"loss"}
+
+
+SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -151,47 +155,47 @@ def test_mlflow_run_evaluate_entry_point(seg, store):
     assert runs[0].data.metrics["eval_dice"] == pytest.approx(seg["test_dice"])
 
 
-class _Stub(mlflow.pyfunc.PythonModel):
-    def predict(self, context, model_input, params=None):
-        return model_input
-
-
-def _candidate(split_seed: int, digest: str, dice: float) -> str:
-    """A promotion candidate tested on another split than the champion (a stub model: promote never loads it)."""
-    with mlflow.start_run(run_name=f"candidate-seed{split_seed}") as run:
-        mlflow.log_params({"data_dir": "''", "dataset": "auto", "split_seed": f"{split_seed}.0"})
-        mlflow.set_tag("ichflow.split_digest", digest)
-        mlflow.log_metrics({"test_dice": dice, "test_sensitivity": dice})
-        mlflow.pyfunc.log_model(name="model", python_model=_Stub(), pip_requirements=["mlflow"])
-    return run.info.run_id
-
-
 @pytest.mark.slow
-def test_promote_re_evaluates_a_champion_tested_on_other_data(seg):
+def test_a_champion_from_another_split_is_compared_only_on_patients_it_did_not_train_on(seg, tmp_path):
+    """Both models are re-evaluated on the candidate's validation patients outside the champion's training split."""
+    from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
+
     client = mlflow.MlflowClient()
     client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
-    other = prepare_data(DataConfig(split_seed=7))
-    assert other.split_digest != client.get_run(seg["run_id"]).data.tags["ichflow.split_digest"]
-    # data that no longer gives the candidate's split: a clear refusal, nothing moved
-    with pytest.raises(UserError, match="cannot rebuild the test split"):
-        run_promote(PromoteConfig(task="segmentation", run_id=_candidate(7, "0123456789ab", 1.0)))
-    assert str(client.get_model_version_by_alias("ich-segmentation", "champion").version) == str(seg["model_version"])
+    other = DataConfig(split_seed=8, val_fraction=0.5)
+    cand = train_segmentation(SegmentationConfig(**SEG_TINY, split_seed=8, val_fraction=0.5))
+    if DEGENERATE_TAG in client.get_run(cand["run_id"]).data.tags:   # this test is about the comparison, not the gate
+        client.delete_tag(cand["run_id"], DEGENERATE_TAG)
+    rule = tmp_path / "rule.py"
+    rule.write_text('PRIMARY = "val_dice"\nMARGIN = -1.0\nGUARDS = {}\nFLOOR = {}\n')
+    champ_prep, cand_prep = prepare_data(DataConfig()), prepare_data(other)
+    unseen = (set(subset(cand_prep.manifest, cand_prep.split, "val")["patient_id"])
+              - set(subset(champ_prep.manifest, champ_prep.split, "train")["patient_id"]))
+    assert len(unseen) >= 2 and cand_prep.split_digest != champ_prep.split_digest
 
-    cand = _candidate(7, other.split_digest, 1.0)
-    decision = run_promote(PromoteConfig(task="segmentation", run_id=cand))
-    assert set(decision.champion_metrics) == {"test_dice", "test_sensitivity"}
-    # the champion was evaluated in a child run of the promotion, on the candidate's test patients
+    decision = run_promote(PromoteConfig(task="segmentation", run_id=cand["run_id"], rule=str(rule)))
+    assert decision.compared_on.startswith(f"{len(unseen)} validation patients of the candidate")
     promote_run = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                     f"params.candidate_run_id = '{cand}'")[0]
-    child = client.search_runs([promote_run.info.experiment_id],
-                               f"tags.mlflow.parentRunId = '{promote_run.info.run_id}'")
-    assert len(child) == 1 and child[0].data.tags["ichflow.task"] == "evaluate"
-    p = child[0].data.params
-    assert p["split_digest"] == other.split_digest and p["patients"] == "test"
-    assert p["evaluated_patients"] == str((other.split["split"] == "test").sum())
-    assert decision.champion_metrics["test_dice"] == pytest.approx(child[0].data.metrics["eval_dice"])
-    assert decision.promoted and decision.deltas["test_dice"] == pytest.approx(
-        1.0 - child[0].data.metrics["eval_dice"])
+                                     f"params.candidate_run_id = '{cand['run_id']}'")[0]
+    children = client.search_runs([promote_run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{promote_run.info.run_id}'")
+    assert len(children) == 2 and {c.data.params["evaluated_patients"] for c in children} == {str(len(unseen))}
+    by_version = {c.data.params["model_version"]: c.data.metrics for c in children}
+    assert decision.champion_metrics["val_dice"] == pytest.approx(by_version[str(seg["model_version"])]["eval_dice"])
+    assert decision.candidate_metrics["val_dice"] == pytest.approx(
+        by_version[decision.candidate_version]["eval_dice"])
+    assert decision.deltas["val_dice"] == pytest.approx(
+        decision.candidate_metrics["val_dice"] - decision.champion_metrics["val_dice"])
+
+    # the other way round: the first model's validation patients outside the new champion's training split
+    client.set_registered_model_alias("ich-segmentation", "champion", decision.candidate_version)
+    back = (set(subset(champ_prep.manifest, champ_prep.split, "val")["patient_id"])
+            - set(subset(cand_prep.manifest, cand_prep.split, "train")["patient_id"]))
+    again = run_promote(PromoteConfig(task="segmentation", run_id=seg["run_id"], rule=str(rule)))
+    if len(back) >= 2:
+        assert again.compared_on.startswith(f"{len(back)} validation patients of the candidate")
+    else:   # fewer than two patients neither trained on: refused, never compared on trained-on patients
+        assert again.decision == "rejected" and again.reason.startswith("not comparable with the champion")
 
 
 # ------------------------------------------------------------------ the other tasks: one tiny model each

@@ -230,39 +230,63 @@ def data_config_from_run(run) -> DataConfig:
     return DataConfig(**{k: _param(run.data.params, k) for k in _DATA_FIELDS})
 
 
-def candidate_test_part(task: str, run) -> tuple[Prepared, pd.DataFrame]:
-    """Rebuild the candidate run's data and return (prepared, its test part); checks the split digest."""
+def rebuilt_split(task: str, run) -> Prepared:
+    """The prepared data and split a training run used, rebuilt from its params; checks the split digest."""
     prep = load_data(task, data_config_from_run(run))
     tags = run.data.tags
     expected = tags.get("ichflow.prepare_split_digest") or tags.get("ichflow.split_digest", "")
     if expected and prep.split_digest != expected:
-        raise UserError(f"cannot rebuild the test split of candidate run {run.info.run_id}: its data parameters "
-                         f"now give split digest {prep.split_digest} at {prep.data_root}, the run was tested on "
-                         f"{expected} (data changed or moved?)")
-    return prep, select_patients(prep, "test")
+        raise UserError(f"cannot rebuild the split of run {run.info.run_id}: its data parameters now give split "
+                        f"digest {prep.split_digest} at {prep.data_root}, the run used {expected} (data changed "
+                        "or moved?)")
+    return prep
 
 
-def champion_evaluator(task: str, metric_names=None):
-    """``evaluate_champion(model_uri, candidate_run) -> metrics`` for :func:`ichflow.registry.promote`.
+def unseen_patients(task: str, candidate_run, champion_run) -> tuple[Prepared, pd.DataFrame]:
+    """(candidate's data, its validation rows of patients the champion did not train on)."""
+    from ichflow.registry import NotComparable
 
-    Evaluates the champion on the candidate's test split in a child ``evaluate`` run (of the active run)
-    and returns its metrics under the candidate's ``test_*`` names (only ``metric_names`` when given).
+    if task_spec(task).cross_validated:
+        raise NotComparable("the candidate and the champion were cross-validated on different folds: every "
+                            "patient was trained on by some fold of each")
+    prep = rebuilt_split(task, candidate_run)
+    champ_prep = rebuilt_split(task, champion_run)
+    champ_train = set(subset(champ_prep.manifest, champ_prep.split, "train")["patient_id"].astype(str))
+    if champ_prep.data_root != prep.data_root:
+        champ_train = {f"{champ_prep.data_root}:{p}" for p in champ_train}   # other data: no patient shared
+    val = subset(prep.manifest, prep.split, "val")
+    keep = ~val["patient_id"].astype(str).isin(champ_train)
+    if keep.sum() == 0 or val.loc[keep, "patient_id"].nunique() < 2:
+        raise NotComparable(f"of the candidate's {val['patient_id'].nunique()} validation patients, "
+                            f"{val.loc[keep, 'patient_id'].nunique()} are not in the champion's training split "
+                            "(at least 2 needed)")
+    return prep, val[keep].reset_index(drop=True)
+
+
+def unseen_comparison(task: str, metric_names):
+    """``compare(candidate_uri, champion_uri, candidate_run, champion_run)`` for :func:`ichflow.registry.promote`.
+
+    Both models are evaluated (child ``evaluate`` runs of the active run) on the candidate's validation
+    patients that the champion did not train on; returns (candidate metrics, champion metrics, description)
+    under the rule's ``val_*`` names.
     """
-    def evaluate_champion(model_uri: str, candidate_run) -> dict:
-        model = load_model(model_uri)
-        if model.task != task:
-            raise UserError(f"champion {model_uri} is a {model.task} model, not {task}")
-        prep, part = candidate_test_part(task, candidate_run)
-        _, metrics = _evaluate_in_run(model, prep, part, "test",
-                                      run_name=f"evaluate-champion-v{model.version or '?'}-{task}")
-        renamed = {f"test_{k[len(PREFIX) + 1:]}": v for k, v in metrics.items()}
-        if metric_names is not None:
-            renamed = {k: v for k, v in renamed.items() if k in set(metric_names)}
-        print(f"[promote] champion {model_uri} re-evaluated on the candidate's test split ({prep.split_digest}): "
-              + ", ".join(f"{k} {v:.4f}" for k, v in renamed.items() if isinstance(v, float)))
-        return renamed
+    wanted = set(metric_names)
 
-    return evaluate_champion
+    def compare(candidate_uri: str, champion_uri: str, candidate_run, champion_run):
+        prep, part = unseen_patients(task, candidate_run, champion_run)
+        out = []
+        for role, uri in (("candidate", candidate_uri), ("champion", champion_uri)):
+            model = load_model(uri)
+            _, metrics = _evaluate_in_run(model, prep, part, "unseen-val",
+                                          run_name=f"evaluate-{role}-v{model.version or '?'}-{task}")
+            out.append({f"val_{k[len(PREFIX) + 1:]}": v for k, v in metrics.items()
+                        if f"val_{k[len(PREFIX) + 1:]}" in wanted})
+        described = (f"{part['patient_id'].nunique()} validation patients of the candidate that the champion did "
+                     f"not train on (both models re-evaluated; split {prep.split_digest})")
+        print(f"[promote] compared on {described}")
+        return out[0], out[1], described
+
+    return compare
 
 
 # ------------------------------------------------------------------------------------------------- summary

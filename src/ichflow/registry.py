@@ -1,13 +1,22 @@
-"""Promotion in the MLflow Model Registry with aliases and an audit trail.
+"""Promotion in the MLflow Model Registry: a gate, a rule, aliases and a readable audit trail.
 
-Aliases (stages are deprecated): the winner gets ``@champion``, the champion it replaced ``@previous``,
-a candidate that did not win ``@challenger``. Every decision, promoted or not, is written on the candidate
-version as a tag ``ichflow.promotion.<UTC time>`` holding JSON (rule, both metric sets, deltas, previous
-champion, run ids, split digest, time); ``promotion_history`` reads them back.
+Aliases (stages are deprecated): the winner gets ``@champion``, the champion it replaced ``@previous``, a
+candidate that lost the comparison ``@challenger``; a candidate stopped by the gate gets no alias at all.
 
-The rule per task lives in ``registry/<task>.py`` (editable): PRIMARY metric must improve by >= MARGIN;
-each GUARDS metric must not drop by more than its tolerance. Candidates are compared with the champion on
-the same evaluation data (same split digest).
+The gate, before any comparison: a candidate whose training run is tagged ``ichflow.degenerate`` (its
+validation predictions show it learned nothing) is ``degenerate``; one below a ``FLOOR`` of its rule file is
+``below_floor``. The rule (``registry/<task>.py``, editable): the ``PRIMARY`` metric must improve by >= ``MARGIN``
+and each ``GUARDS`` metric may not drop by more than its tolerance. Rules read validation metrics (out-of-fold
+for cross-validated tasks): the test split never decides, it is only reported (``REPORT``). A champion from
+the same split is compared on its logged validation metrics; one from another split is re-evaluated with the
+candidate on the candidate's validation patients that the champion did not train on (never on patients one
+of them trained on), or the comparison is refused with the reason.
+
+Every decision is written on the candidate version: tags ``ichflow.decision`` (promoted | rejected |
+below_floor | degenerate) and ``ichflow.reason``, a Markdown description (decision, rule, candidate vs
+champion table with CIs and deltas, test metrics, data), and the JSON record ``ichflow.promotion.<UTC time>``
+that ``promotion_history`` reads. The registered model's description says what the model does and the
+current champion's headline.
 
 Two promotions racing: decisions of one model name are serialised with a lock file, and the alias is
 re-read after it is set; a candidate whose alias was overwritten is recorded as having lost the race.
@@ -25,12 +34,19 @@ from datetime import datetime, timezone
 import mlflow
 from mlflow.exceptions import MlflowException
 
+from ichflow import model_pages
 from ichflow.errors import ParameterError, UserError
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
-from ichflow.tasks.spec import task_spec
+from ichflow.tasks.spec import DEGENERATE_TAG, spec_by_model_name, task_spec
 
 TAG_PREFIX = "ichflow.promotion."
+DECISIONS = ("promoted", "rejected", "below_floor", "degenerate")
+
+
+class NotComparable(UserError):
+    """The candidate and the champion share no patients that neither trained on (or were cross-validated on
+    other folds): recorded as a rejection with this reason."""
 
 
 @dataclass
@@ -48,12 +64,37 @@ class Decision:
     deltas: dict = field(default_factory=dict)
     split_digest: str = ""
     time: str = ""
+    decision: str = ""             # one of DECISIONS
+    compared_on: str = ""          # which patients the candidate and the champion were compared on
+    report_metrics: dict = field(default_factory=dict)   # test metrics, shown beside the decision
 
 
 def load_rule(task: str, path: str = "") -> dict:
     mod = load_project_file("registry", task, path, "rule", required=("PRIMARY", "MARGIN"))
+    if str(mod.PRIMARY).startswith("test_"):
+        raise ParameterError("rule", f"{mod.SOURCE}: PRIMARY {mod.PRIMARY!r} is a test metric; the test split "
+                                     "never decides (use val_* or oof_*)")
+    default_report = tuple(f"test_{k}" for k in task_spec(task).headline)
     return {"primary": mod.PRIMARY, "margin": float(mod.MARGIN), "guards": dict(getattr(mod, "GUARDS", {})),
-            "source": mod.SOURCE}
+            "floor": {k: float(v) for k, v in getattr(mod, "FLOOR", {}).items()},
+            "report": tuple(getattr(mod, "REPORT", default_report)), "source": mod.SOURCE}
+
+
+def decision_keys(rule: dict) -> list[str]:
+    return list(dict.fromkeys([rule["primary"], *rule["guards"], *rule["floor"]]))
+
+
+def gate(rule: dict, candidate_metrics: dict, degenerate: str = "") -> tuple[str, str] | None:
+    """(decision, reason) when the candidate may not be aliased at all, else None. Pure: no MLflow."""
+    if degenerate:
+        return "degenerate", f"degenerate model: {degenerate}"
+    for key, floor in rule["floor"].items():
+        value = candidate_metrics.get(key)
+        if value is None or value != value:
+            return "below_floor", f"{key} missing < floor {floor:g}"
+        if value < floor:
+            return "below_floor", f"{key} {value:.3f} < floor {floor:g}"
+    return None
 
 
 def decide(rule: dict, candidate: dict, champion: dict | None) -> tuple[bool, str, dict]:
@@ -113,67 +154,112 @@ def candidate(client: mlflow.MlflowClient, task: str, run_id: str, rule: dict):
         run = client.get_run(run_id)
     except MlflowException:
         raise ParameterError("run_id", f"no run {run_id!r} in the tracking store {mlflow.get_tracking_uri()}") from None
-    metrics = _metrics(client, run_id, [rule["primary"], *rule["guards"]])
+    if run.data.tags.get("ichflow.task") not in (task, None):
+        raise ParameterError("run_id", f"run {run_id} is a {run.data.tags['ichflow.task']} run, not {task}")
+    metrics = _metrics(client, run_id, decision_keys(rule))
     if rule["primary"] not in metrics:
-        raise ParameterError("run_id", f"run {run_id} has no {rule['primary']!r} metric: only runs of task "
-                                       f"{task} evaluated on their test split can be promoted")
+        raise ParameterError("run_id", f"run {run_id} has no {rule['primary']!r} metric: only {task} runs that "
+                                       "logged a model (evaluate_test=true) can be promoted")
     return run, metrics
 
 
-def promote(task: str, run_id: str, rule_path: str = "", evaluate_champion=None) -> Decision:
-    """Compare the candidate run's model with ``@champion`` and move the aliases. Returns the decision.
+def promote(task: str, run_id: str, rule_path: str = "", compare_unseen=None) -> Decision:
+    """Gate the candidate run's model, compare it with ``@champion``, move the aliases; returns the decision.
 
-    ``evaluate_champion(model_uri, candidate_run) -> metrics`` re-evaluates the champion when it was tested
-    on other data than the candidate; without it such a comparison is refused.
+    ``compare_unseen(candidate_uri, champion_uri, candidate_run, champion_run) -> (cand, champ, compared_on)``
+    re-evaluates both models on patients neither trained on when the champion comes from another split (it
+    raises :class:`NotComparable` when there are none); without it such a comparison is refused.
     """
     client = mlflow.MlflowClient()
     name = task_spec(task).registered_name
     rule = load_rule(task, rule_path)
-    keys = [rule["primary"], *rule["guards"]]
     cand_run, cand_metrics = candidate(client, task, run_id, rule)
     digest = cand_run.data.tags.get("ichflow.split_digest", "")
+    base = dict(model_name=name, candidate_run_id=run_id, rule=rule, split_digest=digest,
+                report_metrics=_metrics(client, run_id, _with_ci(rule["report"])))
     with _model_lock(name):
-        version = version_for_run(client, name, run_id)
+        version = str(version_for_run(client, name, run_id).version)
         champ = _alias(client, name, "champion")
-        champ_metrics = None
-        if champ is not None and champ.version == version.version:
-            return _record(client, Decision(name, version.version, run_id, True, "already champion", rule,
-                                            cand_metrics, champ.version, champ.run_id, cand_metrics, {}, digest))
-        if champ is not None:
-            champ_run = client.get_run(champ.run_id)
-            if champ_run.data.tags.get("ichflow.split_digest", "") == digest:
-                champ_metrics = _metrics(client, champ.run_id, keys)
-            elif evaluate_champion is not None:
-                champ_metrics = evaluate_champion(f"models:/{name}/{champ.version}", cand_run)
-            else:
-                raise UserError(f"champion v{champ.version} of {name} was evaluated on split "
-                                 f"{champ_run.data.tags.get('ichflow.split_digest')} but the candidate on {digest}: "
-                                 "re-evaluate the champion on the candidate's test split first")
-        promoted, reason, deltas = decide(rule, cand_metrics, champ_metrics)
-        decision = Decision(name, version.version, run_id, promoted, reason, rule, cand_metrics,
-                            champ.version if champ else None, champ.run_id if champ else None,
-                            champ_metrics or {}, deltas, digest)
-        if promoted:
-            if champ is not None:
-                client.set_registered_model_alias(name, "previous", champ.version)
-            client.set_registered_model_alias(name, "champion", version.version)
-            time.sleep(0.2)
-            now = _alias(client, name, "champion")
-            if now is None or now.version != version.version:  # another writer got in between
-                decision.promoted = False
-                decision.reason = f"lost a promotion race to v{now.version if now else '?'}"
-        if not decision.promoted:
-            client.set_registered_model_alias(name, "challenger", version.version)
+        if champ is not None and str(champ.version) == version:
+            return _record(client, Decision(**base, candidate_version=version, promoted=True,
+                                            reason="already champion", candidate_metrics=cand_metrics,
+                                            decision="promoted"))
+        stopped = gate(rule, cand_metrics, cand_run.data.tags.get(DEGENERATE_TAG, ""))
+        if stopped is not None:
+            return _record(client, Decision(**base, candidate_version=version, promoted=False, reason=stopped[1],
+                                            candidate_metrics=cand_metrics, decision=stopped[0],
+                                            champion_version=str(champ.version) if champ else None,
+                                            champion_run_id=champ.run_id if champ else None))
+        decision = _compare(client, rule, base, version, cand_metrics, cand_run, champ, compare_unseen)
+        _move_aliases(client, decision, champ)
         return _record(client, decision)
 
 
+def _compare(client, rule, base, version, cand_metrics, cand_run, champ, compare_unseen) -> Decision:
+    """The rule's decision against the champion, on the same patients for both."""
+    champ_metrics, compared_on = None, ""
+    try:
+        if champ is not None:
+            cand_metrics, champ_metrics, compared_on = _comparable_metrics(
+                client, rule, base, cand_metrics, cand_run, champ, compare_unseen)
+        promoted, reason, deltas = decide(rule, cand_metrics, champ_metrics)
+    except NotComparable as exc:
+        promoted, reason, deltas = False, f"not comparable with the champion: {exc}", {}
+    return Decision(**base, candidate_version=version, promoted=promoted, reason=reason,
+                    candidate_metrics=cand_metrics, champion_version=str(champ.version) if champ else None,
+                    champion_run_id=champ.run_id if champ else None, champion_metrics=champ_metrics or {},
+                    deltas=deltas, decision="promoted" if promoted else "rejected", compared_on=compared_on)
+
+
+def _comparable_metrics(client, rule, base, cand_metrics, cand_run, champ, compare_unseen):
+    champ_run = client.get_run(champ.run_id)
+    if champ_run.data.tags.get("ichflow.split_digest", "") == base["split_digest"]:
+        return cand_metrics, _metrics(client, champ.run_id, decision_keys(rule)), \
+            f"the shared validation split (digest {base['split_digest']}): logged metrics of both runs"
+    if compare_unseen is None:
+        raise NotComparable(f"the champion v{champ.version} was trained on split "
+                            f"{champ_run.data.tags.get('ichflow.split_digest')}, the candidate on "
+                            f"{base['split_digest']}, and no re-evaluation was possible here")
+    name = base["model_name"]
+    return compare_unseen(f"models:/{name}/{version_for_run(client, name, cand_run.info.run_id).version}",
+                          f"models:/{name}/{champ.version}", cand_run, champ_run)
+
+
+def _move_aliases(client, decision: Decision, champ) -> None:
+    name = decision.model_name
+    if decision.promoted:
+        if champ is not None:
+            client.set_registered_model_alias(name, "previous", champ.version)
+        client.set_registered_model_alias(name, "champion", decision.candidate_version)
+        time.sleep(0.2)
+        now = _alias(client, name, "champion")
+        if now is None or str(now.version) != decision.candidate_version:  # another writer got in between
+            decision.promoted, decision.decision = False, "rejected"
+            decision.reason = f"lost a promotion race to v{now.version if now else '?'}"
+    if not decision.promoted:
+        client.set_registered_model_alias(name, "challenger", decision.candidate_version)
+
+
+def _with_ci(keys) -> list[str]:
+    return [k for key in keys for k in (key, f"{key}_ci_low", f"{key}_ci_high")]
+
+
 def _record(client, decision: Decision) -> Decision:
+    """The decision on the version (tags, JSON record, Markdown description) and the model page."""
     decision.time = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    payload = asdict(decision)
-    payload["rule"] = {k: v for k, v in payload["rule"].items() if k != "source"} | {"source": decision.rule.get("source", "")}
-    client.set_model_version_tag(decision.model_name, decision.candidate_version, TAG_PREFIX + decision.time,
-                                 json.dumps(payload, sort_keys=True))
+    name, version = decision.model_name, decision.candidate_version
+    client.set_model_version_tag(name, version, TAG_PREFIX + decision.time,
+                                 json.dumps(asdict(decision), sort_keys=True, default=list))
+    client.set_model_version_tag(name, version, "ichflow.decision", decision.decision)
+    client.set_model_version_tag(name, version, "ichflow.reason", decision.reason[:5000])
+    client.update_model_version(name, version, description=model_pages.version_description(decision))
+    champ = _alias(client, name, "champion")
+    headline = _metrics(client, champ.run_id, [decision.rule["primary"], *_with_ci(decision.rule["report"][:1])]) \
+        if champ else {}
+    client.update_registered_model(name, description=model_pages.model_description(spec_by_model_name(name), champ, headline,
+                                                                                 decision.rule))
     return decision
+
 
 
 def promotion_history(model_name: str) -> list[dict]:
@@ -214,6 +300,7 @@ def candidate_from_study(task: str, study_name: str = "") -> str:
 
 
 def run_promote(cfg: PromoteConfig) -> Decision:
+    from ichflow.evaluation import unseen_comparison
     from ichflow.tracking import log_params_once, task_run
 
     task_spec(cfg.task)
@@ -222,16 +309,21 @@ def run_promote(cfg: PromoteConfig) -> Decision:
     candidate(mlflow.MlflowClient(), cfg.task, run_id, rule)  # a bad candidate fails before a run is opened
     with task_run("promote", run_name=f"promote-{cfg.task}"):
         log_params_once({"task": cfg.task, "candidate_run_id": run_id, "study_name": cfg.study_name})
-        from ichflow.evaluation import champion_evaluator
-
-        # a champion tested on other data is re-evaluated on the candidate's test split (child run)
-        evaluate = champion_evaluator(cfg.task, [rule["primary"], *rule["guards"]])
-        decision = promote(cfg.task, run_id, cfg.rule, evaluate_champion=evaluate)
+        # a champion from another split is re-evaluated with the candidate on unseen patients (child runs)
+        decision = promote(cfg.task, run_id, cfg.rule, compare_unseen=unseen_comparison(cfg.task, decision_keys(rule)))
         mlflow.log_dict(asdict(decision), "decision.json")
-        mlflow.set_tags({"ichflow.promoted": str(decision.promoted), "ichflow.model_version": decision.candidate_version})
-    verdict = "PROMOTED to @champion" if decision.promoted else "kept as @challenger"
-    print(f"[promote] {decision.model_name} v{decision.candidate_version} {verdict}: {decision.reason}")
+        mlflow.set_tags({"ichflow.promoted": str(decision.promoted), "ichflow.decision": decision.decision,
+                         "ichflow.reason": decision.reason[:5000], "ichflow.model_version": decision.candidate_version})
+    print(f"[promote] {console_line(decision)}")
     return decision
+
+
+def console_line(decision: Decision) -> str:
+    where = f"{decision.model_name} v{decision.candidate_version}"
+    if decision.promoted:
+        return f"{where} PROMOTED to @champion: {decision.reason}"
+    alias = "kept as @challenger" if decision.decision == "rejected" else "registered without an alias"
+    return f"{where} NOT PROMOTED ({decision.decision}, {alias}): {decision.reason}"
 
 
 @dataclass
@@ -248,7 +340,8 @@ def run_history(cfg: HistoryConfig) -> list[dict]:
     for e in events:
         champ = f"v{e['champion_version']}" if e["champion_version"] else "none"
         primary = e["rule"]["primary"]
-        print(f"{e['time']}  v{e['candidate_version']:<4} {'PROMOTED' if e['promoted'] else 'rejected':9} "
+        verdict = "PROMOTED" if e["promoted"] else e.get("decision") or "rejected"   # older records: no decision
+        print(f"{e['time']}  v{e['candidate_version']:<4} {verdict:11} "
               f"vs champion {champ:<5} {primary}={e['candidate_metrics'].get(primary, float('nan')):.4f}  "
               f"{e['reason']}  (run {e['candidate_run_id'][:8]}, split {e['split_digest']})")
     return events

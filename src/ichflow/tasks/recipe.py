@@ -13,6 +13,7 @@ only when ``cfg.evaluate_test`` (False inside tuning trials: no test touch, no m
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
 from ichflow.prepare import DATASETS, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.common import apply_preset, log_config, log_preset_values
-from ichflow.tasks.spec import TaskSpec
+from ichflow.tasks.spec import DEGENERATE_TAG, TaskSpec
 from ichflow.tracking import task_run
 
 FIXED_KEYS = ("run_id", "objective_name", "objective", "best_epoch", "epochs_run", "train_seconds",
@@ -101,6 +102,7 @@ class TaskRecipe:
             step = fit.epochs_run  # final values one step after the per-epoch ones: the selected model
             for split in ("val", "test") if cfg.evaluate_test else ("val",):
                 metrics.update(self.report(cfg, split, step))
+            metrics["degenerate"] = float(self._flag_degenerate(self.degenerate_reasons(cfg)))
             self.figures(cfg, fit)
             objective = float(metrics.get(self.spec.objective, float("nan")))
             result = TaskResult(run.info.run_id, self.spec.objective, objective, fit.best_epoch, fit.epochs_run,
@@ -116,9 +118,18 @@ class TaskRecipe:
             result.wall_seconds = time.perf_counter() - t_wall
             mlflow.log_metrics(finite({k: getattr(result, k) for k in ("objective", "best_epoch", "epochs_run",
                                                                        "train_seconds", "wall_seconds")}
-                                      | {k: metrics[k] for k in ("stopped_early", "stopped_by_time_budget")}))
+                                      | {k: metrics[k] for k in ("stopped_early", "stopped_by_time_budget", "degenerate")}))
         print("\n".join(self.summary(cfg, result)))
         return result
+
+    def _flag_degenerate(self, reasons: list[str]) -> bool:
+        """Tag the run and warn at once: a model that learned nothing must not look like a result."""
+        if not reasons:
+            return False
+        text = "; ".join(reasons)
+        mlflow.set_tag(DEGENERATE_TAG, text[:5000])
+        print(f"WARNING [{self.spec.name}] degenerate model (it will not be promoted): {text}", file=sys.stderr)
+        return True
 
     # ------------------------------------------------------------------------------------------- the hooks
     def resolve(self, cfg):
@@ -152,6 +163,10 @@ class TaskRecipe:
         """Evaluate ``split`` with the selected model: log eval/<split>_*, figures/<split>_*; return metrics."""
         raise NotImplementedError
 
+    def degenerate_reasons(self, cfg) -> list[str]:
+        """Why the selected model's validation predictions show it learned nothing (engine.degenerate); []."""
+        return []
+
     def figures(self, cfg, fit: FitResult) -> None:
         """Figures about the training as a whole (the per-split ones belong to ``report``)."""
 
@@ -182,12 +197,12 @@ def run_task(recipe_cls: type[TaskRecipe], cfg, on_epoch_end=None) -> TaskResult
     return recipe_cls().run(cfg, on_epoch_end)
 
 
-def headline_text(metrics: dict, key: str) -> str:
+def headline_text(metrics: dict, key: str, name: str | None = None) -> str:
     """``dice 0.512 [0.401, 0.598]`` for a metric with optional ``_ci_low``/``_ci_high``; '' when absent."""
     if key not in metrics:
         return ""
     value = metrics[key]
-    name = key.split("_", 1)[1]
+    name = name or key.split("_", 1)[1]
     if value is None or not isinstance(value, (int, float)) or value != value:
         return f"{name} n/a"
     lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from ichflow.errors import ParameterError
 
 
+DEGENERATE_TAG = "ichflow.degenerate"   # on a training run: why its model learned nothing (the registry reads it)
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str                 # entry point and experiment suffix (ichflow-<name>)
@@ -26,6 +29,8 @@ class TaskSpec:
     headline: tuple[str, ...]  # metric names (without split prefix) a summary shows, most important first
     readers: tuple[str, ...]  # data readers that carry its labels
     synthetic_dataset: str    # the phantom it trains on when no data folder is given
+    cross_validated: bool = False   # selection metrics are out-of-fold (oof_*), not a validation split's
+    summary: str = ""         # what the registered model does, its input and output (the model page)
 
     def config_class(self):
         return getattr(importlib.import_module(self.package), self.config_name)
@@ -42,19 +47,35 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("segmentation", "ich-segmentation", "ichflow.tasks.segmentation", "SegmentationConfig",
              "train_segmentation", target="phe", label_column="mask_path", objective="val_dice",
              headline=("dice", "dice_median", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
-             readers=("phe",), synthetic_dataset="synthetic"),
+             readers=("phe",), synthetic_dataset="synthetic",
+             summary="Perihematomal edema (PHE) segmentation of one non-contrast head CT (the edema rim around "
+                     "a spontaneous intracerebral hematoma, not the hematoma). Input: uint8 (N, H, W), the axial "
+                     "slices of ONE scan in axial order, 8-bit brain-windowed as the training PNGs, native "
+                     "resolution. Output: float32 (N, H, W) edema probability; `params={\"output\": \"mask\"}` "
+                     "gives a 0/1 mask at the threshold chosen on validation."),
     TaskSpec("classification", "ich-classification", "ichflow.tasks.classification", "ClassificationConfig",
              "train_classification", target="bleed", label_column="has_lesion", objective="val_roc_auc",
              headline=("f1", "recall", "precision", "roc_auc", "patient_f1"), readers=("phe", "ctich"),
-             synthetic_dataset="synthetic"),
+             synthetic_dataset="synthetic",
+             summary="Bleed / no-bleed per head-CT slice. Input: uint8 (N, H, W), the axial slices of ONE scan in "
+                     "axial order, 8-bit brain-windowed. Output: one row per slice, `has_lesion_probability` "
+                     "(0..1) and `has_lesion` (0/1 at the threshold chosen on validation)."),
     TaskSpec("detection", "ich-detection", "ichflow.tasks.detection", "DetectionConfig", "train_detection",
              target="lesion_box", label_column="has_lesion", objective="val_map50",
              headline=("map50", "map50_95", "slice_f1", "slice_recall"), readers=("phe",),
-             synthetic_dataset="synthetic"),
+             synthetic_dataset="synthetic",
+             summary="Boxes around hematoma + perihematomal edema on head-CT slices. Input: uint8 (N, H, W), the "
+                     "axial slices of ONE scan in axial order, 8-bit brain-windowed. Output: one row per box "
+                     "(`slice_index`, `x1, y1, x2, y2` in input pixels, `score`) with score >= `conf_threshold` "
+                     "(default: chosen on validation); a slice without rows is negative."),
     TaskSpec("multilabel", "ich-subtypes", "ichflow.tasks.multilabel", "MultilabelConfig", "train_multilabel",
              target="subtypes", label_column="IVH", objective="val_macro_auc",
              headline=("macro_auc", "macro_f1", "micro_f1"), readers=("ctich",),
-             synthetic_dataset="synthetic-ctich"),
+             synthetic_dataset="synthetic-ctich", cross_validated=True,
+             summary="Hemorrhage subtypes per head-CT slice (multi-label, IVH / IPH / SAH by default), selected "
+                     "by patient-level cross-validation. Input: uint8 (N, H, W), the axial slices of ONE scan in "
+                     "axial order, 8-bit brain-windowed. Output: one row per slice, `<class>_probability` and "
+                     "`<class>` (0/1 at each class's threshold chosen on inner validation)."),
 )}
 
 

@@ -23,6 +23,7 @@ from ichflow.tasks.classification import figures
 from ichflow.tasks.classification.config import LABEL, PRESETS, ClassificationConfig
 from ichflow.tasks.classification.report import evaluate_split, prediction_frame
 from ichflow.tasks.common import run_folder
+from ichflow.engine.degenerate import score_reasons
 from ichflow.tasks.recipe import TaskRecipe, TaskResult, run_task
 from ichflow.tasks.spec import TASKS
 
@@ -95,6 +96,10 @@ class ClassificationRecipe(TaskRecipe):
         frame = self.frames[split] if split in self.frames else self.predictions(split)
         self.frames[split] = frame.assign(pred=(frame["score"] >= self.threshold).astype(int))
         return evaluate_split(split, frame, self.threshold, cfg.n_boot, cfg.seed, cfg.threshold_goal, step)
+
+    def degenerate_reasons(self, cfg: ClassificationConfig) -> list[str]:
+        val = self.frames["val"]
+        return score_reasons(val["y"], val["score"], self.threshold)
 
     def figures(self, cfg: ClassificationConfig, fit) -> None:
         figures.log_curves(fit.history)

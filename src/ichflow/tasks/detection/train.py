@@ -11,6 +11,7 @@ import mlflow
 import numpy as np
 
 from ichflow.engine.budget import TimeBudget
+from ichflow.engine.degenerate import box_reasons, score_reasons
 from ichflow.engine.figures import close, curves_figure
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import MODEL_CONFIG
@@ -18,7 +19,7 @@ from ichflow.tasks.common import run_folder
 from ichflow.tasks.detection import report
 from ichflow.tasks.detection.config import PRESETS, DetectionConfig
 from ichflow.tasks.detection.engines import engine_class
-from ichflow.tasks.detection.metrics import best_conf_threshold, predictions_frame
+from ichflow.tasks.detection.metrics import best_conf_threshold, predictions_frame, slice_scores
 from ichflow.tasks.recipe import TaskRecipe, run_task
 from ichflow.tasks.spec import TASKS
 from ichflow.tracking import log_params_once
@@ -98,6 +99,16 @@ class DetectionRecipe(TaskRecipe):
             return {}
         return report.evaluate_split(part, self.predict(split), self.threshold, split, seed=cfg.seed,
                                      overlays=cfg.overlays, step=step)
+
+    def degenerate_reasons(self, cfg: DetectionConfig) -> list[str]:
+        part, outputs = self.part("val"), self.predict("val")
+        if not len(part):
+            return []
+        kept = [(boxes[scores >= self.threshold], len(boxes[scores >= self.threshold])) for boxes, scores in outputs]
+        boxes = np.concatenate([b for b, _ in kept]) if kept else np.zeros((0, 4))
+        sizes = np.repeat(part[["width", "height"]].to_numpy(float), [n for _, n in kept], axis=0)
+        max_scores = slice_scores(predictions_frame(outputs), len(part))
+        return score_reasons(part["has_lesion"], max_scores, self.threshold) + box_reasons(boxes, sizes)
 
     def figures(self, cfg: DetectionConfig, fit) -> None:
         if not fit.history:

@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import torch
 
+from ichflow.engine.degenerate import score_reasons
 from ichflow.engine.device import amp_dtype
 from ichflow.engine.stats import finite
 from ichflow.errors import ParameterError, check_choice, check_range
@@ -110,7 +111,7 @@ class MultilabelRecipe(TaskRecipe):
             mlflow.log_metrics(finite(self.val_agg), step=step)
             return {**self.val_agg, "folds": cfg.n_folds, "fold_source": self.fold_source}
         cv_m = {f"cv_{k}": v for k, v in mm.aggregate([o.heldout for o in self.outcomes]).items()}
-        rows, p, pred = cv.out_of_fold(self.outcomes)
+        rows, p, pred = self.oof = cv.out_of_fold(self.outcomes)
         y, slices = self.ctx.y[rows], self.ctx.data.manifest.loc[rows]
         out = {**cv_m, **{f"test_{k[3:]}": v for k, v in cv_m.items()},
                **{f"oof_{k}": v for k, v in mm.pooled_metrics(y, p, pred, self.classes).items()}}
@@ -121,6 +122,18 @@ class MultilabelRecipe(TaskRecipe):
         report.log_split_figures("oof", y, p, pred, slices["patient_id"].to_numpy(), self.classes,
                                  title="out-of-fold (each fold's own thresholds)")
         return out
+
+    def degenerate_reasons(self, cfg: MultilabelConfig) -> list[str]:
+        """On the out-of-fold predictions (what promotion compares): a class whose scores ignore the input, or
+        every class calling every slice the same."""
+        if getattr(self, "oof", None) is None:
+            return []
+        rows, p, pred = self.oof
+        per_class = [[f"{c}: {r}" for r in score_reasons(self.ctx.y[rows, j], p[:, j], called=pred[:, j])]
+                     for j, c in enumerate(self.classes)]
+        constant = [r for reasons in per_class for r in reasons if "near-constant" in r]
+        all_same = all(any("every" in r for r in reasons) for reasons in per_class)
+        return constant + ([r for reasons in per_class for r in reasons if "every" in r] if all_same else [])
 
     def export(self, cfg: MultilabelConfig):
         model = sc.build_model(cfg.model, cfg.in_channels, len(self.classes))

@@ -16,6 +16,7 @@ from ichflow.data.splits import subset
 from ichflow.engine import figures
 from ichflow.engine.augment import Normalizer
 from ichflow.engine.budget import TimeBudget
+from ichflow.engine.degenerate import mask_reasons
 from ichflow.engine.device import amp_dtype as resolve_amp
 from ichflow.engine.slices import neighbour_indices, slice_cache
 from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
@@ -130,6 +131,12 @@ class SegmentationRecipe(TaskRecipe):
     def report(self, cfg: SegmentationConfig, split: str, step: int) -> dict:
         stats = self.best["stats"] if split == "val" else self._evaluate(cfg, split, self.model)
         return log_split(split, stats, self.threshold, step, *_units(cfg))
+
+    def degenerate_reasons(self, cfg: SegmentationConfig) -> list[str]:
+        stats = self.best["stats"]
+        t = int(np.argmin(np.abs(np.asarray(stats.thresholds) - self.threshold)))
+        height, width = self.cache["val"][0].shape[1:]
+        return mask_reasons(stats.slice_truth, stats.slice_pred[:, t], height * width)
 
     def figures(self, cfg: SegmentationConfig, fit: FitResult) -> None:
         for name, keys in (("loss_curves", ["train_loss", "val_loss"]),
