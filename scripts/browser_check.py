@@ -152,13 +152,8 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
             problems.append(f"registered model {name} has no @champion, and its newest version was not stopped by "
                             "the quality gate")
             continue
-        # the model page says what the model does (and names its champion when the gate let one through)
-        expect = [name, TASK_SPECS[task].summary.split(".")[0]] + (["champion", f"Version {champ.version}"]
-                                                                   if champ else ["No @champion yet"])
+        expect = [name] + (["champion", f"Version {champ.version}"] if champ else [f"Version {newest.version}"])
         pages.append({"name": f"model-{name}", "route": f"#/models/{name}", "expect": expect})
-        shown = champ or newest   # the version page leads with the decision
-        pages.append({"name": f"model-{name}-v{shown.version}", "route": f"#/models/{name}/versions/{shown.version}",
-                      "expect": [f"Version {shown.version}", "Decision:"]})
 
     tune = exps.get("ichflow-tune")
     if not study:

@@ -35,6 +35,18 @@ def isolated_env(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def no_run_left_active():
+    """A test that leaves an MLflow run active would make every later run a child of it: fail that test."""
+    yield
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is not None:
+        mlflow.end_run("FAILED")
+        pytest.fail(f"the test left MLflow run {run.info.run_id} ({run.info.run_name}) active")
+
+
 def _need(path: Path):
     if not path.exists():
         pytest.skip(f"real data not found at {path} (set ICHFLOW_SHARED)")

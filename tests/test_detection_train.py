@@ -122,7 +122,9 @@ def test_fasterrcnn_budget_stop_restores_the_best_checkpoint(synthetic_phe, tmp_
             for p in engine.predictor.model.parameters():
                 p.zero_()
 
-    fit = engine.train(cfg, prep, tmp_path, torch.device("cpu"), spoil, TimeBudget(cfg.time_budget_min, cfg.epochs))
+    with mlflow.start_run(run_name="fasterrcnn-budget"):   # the engine logs into the task's run
+        fit = engine.train(cfg, prep, tmp_path, torch.device("cpu"), spoil, TimeBudget(cfg.time_budget_min,
+                                                                                         cfg.epochs))
     assert fit.stopped_by_time_budget and not fit.stopped_early and fit.epochs_run == 1 and seen == [0]
     assert fit.weights == tmp_path / CHECKPOINT and fit.best_epoch == 0
     best = torch.load(fit.weights, map_location="cpu", weights_only=True)

@@ -18,9 +18,9 @@ The run (experiment ``ichflow-evaluate`` when run directly) records the model (U
 that trained it), the task, the data root and split digest, the dataset inputs (the evaluated rows as the
 ``evaluation`` input) and the task's figures and per-patient tables.
 
-:func:`champion_evaluator` is the promotion hook: it re-evaluates ``@champion`` on a candidate's test split
-(rebuilt from the candidate run's data parameters) in a child run of the promotion, and returns the
-metrics under the candidate's ``test_*`` names.
+:func:`unseen_comparison` is the promotion hook for a champion trained on another split: it re-evaluates
+the candidate and ``@champion`` (child runs of the promotion) on the candidate's validation patients that the
+champion did not train on, and returns both metric sets under the rule's ``val_*`` names.
 """
 
 from __future__ import annotations
