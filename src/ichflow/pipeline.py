@@ -154,8 +154,14 @@ def closing_summary(tasks, runs: dict[str, str], predictions: Path | None) -> li
             continue
         metrics = client.get_run(champ.run_id).data.metrics
         shown = [headline_text(metrics, key, name=key) for key in (rule["primary"], rule["report"][0])]
-        verdict = "promoted now" if tags.get("ichflow.decision") == "promoted" else \
-            f"kept (this job's v{tags.get('ichflow.model_version', '?')}: {tags.get('ichflow.decision', '?')})"
+        mine = tags.get("ichflow.model_version", "?")
+        tuned = runs.get(f"promote-tuned-{task}")
+        if str(champ.version) == mine:
+            verdict = "promoted by this job"
+        elif tuned and client.get_run(tuned).data.tags.get("ichflow.model_version") == str(champ.version):
+            verdict = f"this job's tuned refit, over its v{mine}"
+        else:
+            verdict = f"this job's v{mine}: {tags.get('ichflow.decision', '?')}"
         lines.append(f"  {task:14s} {spec.registered_name} v{champ.version} @champion ({verdict}): "
                      + "; ".join(s for s in shown if s))
     if predictions is not None:
