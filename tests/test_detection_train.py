@@ -113,7 +113,6 @@ def test_fasterrcnn_budget_stop_restores_the_best_checkpoint(synthetic_phe, tmp_
                           num_workers=0, time_budget_min=1e-6)
     prep = prepare_data(DataConfig())
     engine = engine_class("fasterrcnn")()
-    table = engine.slices(cfg, prep)
     seen = []
 
     def spoil(epoch, metrics):  # after the checkpoint was saved: only a restore brings the weights back
@@ -123,6 +122,7 @@ def test_fasterrcnn_budget_stop_restores_the_best_checkpoint(synthetic_phe, tmp_
                 p.zero_()
 
     with mlflow.start_run(run_name="fasterrcnn-budget"):   # the engine logs into the task's run
+        table = engine.slices(cfg, prep)
         fit = engine.train(cfg, prep, tmp_path, torch.device("cpu"), spoil, TimeBudget(cfg.time_budget_min,
                                                                                          cfg.epochs))
     assert fit.stopped_by_time_budget and not fit.stopped_early and fit.epochs_run == 1 and seen == [0]

@@ -19,13 +19,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ichflow.data import ctich, phe
 from ichflow.data.images import IMAGE_SUFFIXES, read_gray
 from ichflow.data.manifest import atomic_write_text
 from ichflow.errors import DataError, ParameterError
+from ichflow.tasks.spec import task_spec
 
 
 @dataclass
@@ -79,25 +79,9 @@ def load_scan(files: list[Path]) -> np.ndarray:
     return np.stack(slices)
 
 
-def _overlay_mask(img: np.ndarray, mask: np.ndarray) -> Image.Image:
-    rgb = np.repeat(img[..., None], 3, axis=-1).astype(np.float32)
-    rgb[mask > 0] = 0.5 * rgb[mask > 0] + 0.5 * np.array([255, 40, 40])
-    return Image.fromarray(rgb.astype(np.uint8))
-
-
-def _overlay_boxes(img: np.ndarray, boxes: pd.DataFrame) -> Image.Image:
-    pil = Image.fromarray(img).convert("RGB")
-    draw = ImageDraw.Draw(pil)
-    for b in boxes.itertuples():
-        draw.rectangle([b.x1, b.y1, b.x2, b.y2], outline=(255, 60, 60), width=2)
-        draw.text((b.x1 + 2, max(0, b.y1 - 12)), f"{b.score:.2f}", fill=(255, 255, 0))
-    return pil
-
-
 def run_predict(cfg: PredictConfig) -> pd.DataFrame:
-    from ichflow.tracking import log_params_once, task_run
-
     from ichflow.evaluation import load_model
+    from ichflow.tracking import log_params_once, task_run
 
     if not cfg.input:
         raise ParameterError("input", "give an image, a folder of slices or a data folder (-P input=...)")
@@ -106,48 +90,22 @@ def run_predict(cfg: PredictConfig) -> pd.DataFrame:
     model, meta, task = loaded.pyfunc, loaded.meta, loaded.task
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    rows, box_rows = [], []
+    glue = task_spec(task).predict_glue()
+    rows, extra = [], []
     with task_run("predict", run_name=f"predict-{task}"):
         log_params_once({"model_uri": cfg.model_uri, "model_name": loaded.name, "model_version": loaded.version,
                          "input": cfg.input, "output": str(out), "task": task, "scans": len(scans)})
         for scan, files in tqdm(scans.items(), desc="scans", unit="scan"):
             arr = load_scan(files)
-            base = [{"scan": scan, "slice": i, "image": str(f)} for i, f in enumerate(files)]
-            if task == "segmentation":
-                probs = np.asarray(model.predict(arr))
-                masks = (probs >= float(meta.get("threshold", 0.5))).astype(np.uint8)
-                spacing = float(meta.get("pixel_spacing_mm", 0.508)) ** 2 * float(meta.get("slice_thickness_mm", 5.0))
-                for i, r in enumerate(base):
-                    r.update(lesion_pixels=int(masks[i].sum()), max_probability=float(probs[i].max()),
-                             positive=int(masks[i].any()), lesion_ml=masks[i].sum() * spacing / 1000.0)
-                    _save(Image.fromarray(masks[i] * 255), out / "masks" / scan / f"{files[i].stem}.png")
-                    if cfg.overlays and masks[i].any():
-                        _save(_overlay_mask(arr[i], masks[i]), out / "overlays" / scan / f"{files[i].stem}.png")
-            elif task == "detection":
-                boxes = pd.DataFrame(model.predict(arr))
-                for i, r in enumerate(base):
-                    mine = boxes[boxes["slice_index"] == i]
-                    r.update(n_boxes=len(mine), max_score=float(mine["score"].max()) if len(mine) else 0.0)
-                    if cfg.overlays and len(mine):
-                        _save(_overlay_boxes(arr[i], mine), out / "overlays" / scan / f"{files[i].stem}.png")
-                box_rows += [{"scan": scan, "image": str(files[int(b.slice_index)]), **b._asdict()}
-                             for b in boxes.itertuples(index=False)]
-            else:
-                scores = pd.DataFrame(model.predict(arr)).reset_index(drop=True)
-                for i, r in enumerate(base):
-                    r.update(scores.iloc[i].to_dict())
-            rows += base
+            columns, more = glue.predict_scan(model, meta, scan, files, arr, out, cfg.overlays)
+            rows += [{"scan": scan, "slice": i, "image": str(f), **c} for i, (f, c) in enumerate(zip(files, columns))]
+            extra += more
         table = pd.DataFrame(rows)
         atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
         mlflow.log_artifact(str(out / "predictions.csv"))
-        if task == "detection":
-            atomic_write_text(out / "boxes.csv", pd.DataFrame(box_rows).to_csv(index=False))
-            mlflow.log_artifact(str(out / "boxes.csv"))
+        if glue.TABLE:
+            atomic_write_text(out / glue.TABLE, pd.DataFrame(extra).to_csv(index=False))
+            mlflow.log_artifact(str(out / glue.TABLE))
         mlflow.log_metrics({"slices": len(table), "scans": len(scans)})
     print(f"[predict] {task}: {len(table)} slices of {len(scans)} scan(s) -> {out / 'predictions.csv'}")
     return table
-
-
-def _save(img: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)

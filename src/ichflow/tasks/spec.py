@@ -38,6 +38,10 @@ class TaskSpec:
     def train_function(self):
         return getattr(importlib.import_module(self.package), self.train_name)
 
+    def predict_glue(self):
+        """Module with ``predict_scan(model, meta, scan, files, arr, out, overlays)`` and ``TABLE`` (``predict``)."""
+        return importlib.import_module(f"{self.package}.predict")
+
     def external(self):
         """Module with ``check_data(model, part)`` and ``evaluate_external(model, part, prefix)``."""
         return importlib.import_module(f"{self.package}.external")
