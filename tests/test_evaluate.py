@@ -209,7 +209,7 @@ def test_other_tasks_on_the_test_split_reproduce_the_training_test_metrics(store
     run = client.get_run(res["run_id"])
     test, _ = _assert_reproduces(client.get_run(trained["run_id"]), run)
     rule = load_rule(run.data.params["task"])
-    assert {k[5:] for k in (rule["primary"], *rule["guards"])} <= set(test)   # registry rules can compare
+    assert {k[len("test_"):] for k in rule["report"]} <= set(test)   # what the model page reports is reproduced
     figs = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert any("confusion" in f and "eval" in f for f in figs), figs
 
@@ -224,10 +224,11 @@ def test_subtype_model_on_the_test_split(store, tiny_model):
     run, train = client.get_run(res["run_id"]), client.get_run(trained["run_id"])
     assert run.data.params["split_digest"] == train.data.tags["ichflow.prepare_split_digest"]
     m = run.data.metrics
-    # the rule's metrics under the training run's names (there: mean over CV folds), per class, support, CIs
+    # the metrics the model page reports, under the training run's names (there: mean over CV folds), per class,
+    # support, CIs
     rule = load_rule("multilabel")
-    for key in (rule["primary"], *rule["guards"], "test_micro_f1", "test_micro_auc"):
-        assert key in train.data.metrics and "eval_" + key[5:] in m, key
+    for key in (*rule["report"], "test_micro_f1", "test_micro_auc"):
+        assert key in train.data.metrics and "eval_" + key[len("test_"):] in m, key
     for c in ("IVH", "IPH", "SAH"):
         assert f"eval_{c}_precision" in m and f"eval_{c}_threshold" in m and f"eval_support_{c}_slices" in m
     assert {"eval_macro_auc_ci_low", "eval_macro_auc_ci_high", "eval_support_patients"} <= set(m)
