@@ -97,13 +97,13 @@ def test_alias_moves_audit_and_no_duplicate_versions(fresh_registry):
     better = _candidate(0.88, 0.91)
     d2 = promote("classification", better)
     assert d2.promoted and d2.champion_version == d1.candidate_version
-    assert client.get_model_version_by_alias("ich-classification", "champion").version == d2.candidate_version
-    assert client.get_model_version_by_alias("ich-classification", "previous").version == d1.candidate_version
+    assert str(client.get_model_version_by_alias("ich-classification", "champion").version) == d2.candidate_version
+    assert str(client.get_model_version_by_alias("ich-classification", "previous").version) == d1.candidate_version
     worse = _candidate(0.70, 0.95)
     d3 = promote("classification", worse)
     assert not d3.promoted and d3.decision == "rejected"
-    assert client.get_model_version_by_alias("ich-classification", "challenger").version == d3.candidate_version
-    assert client.get_model_version_by_alias("ich-classification", "champion").version == d2.candidate_version
+    assert str(client.get_model_version_by_alias("ich-classification", "challenger").version) == d3.candidate_version
+    assert str(client.get_model_version_by_alias("ich-classification", "champion").version) == d2.candidate_version
     # promoting the same run again registers nothing new
     n_versions = len(client.search_model_versions("name='ich-classification'"))
     promote("classification", worse)
