@@ -201,7 +201,7 @@ def _compare(client, rule, base, version, cand_metrics, cand_run, champ, compare
     try:
         if champ is not None:
             cand_metrics, champ_metrics, compared_on = _comparable_metrics(
-                client, rule, base, cand_metrics, cand_run, champ, compare_unseen)
+                client, rule, base, version, cand_metrics, cand_run, champ, compare_unseen)
         promoted, reason, deltas = decide(rule, cand_metrics, champ_metrics)
     except NotComparable as exc:
         promoted, reason, deltas = False, f"not comparable with the champion: {exc}", {}
@@ -211,7 +211,7 @@ def _compare(client, rule, base, version, cand_metrics, cand_run, champ, compare
                     deltas=deltas, decision="promoted" if promoted else "rejected", compared_on=compared_on)
 
 
-def _comparable_metrics(client, rule, base, cand_metrics, cand_run, champ, compare_unseen):
+def _comparable_metrics(client, rule, base, version, cand_metrics, cand_run, champ, compare_unseen):
     champ_run = client.get_run(champ.run_id)
     if champ_run.data.tags.get("ichflow.split_digest", "") == base["split_digest"]:
         return cand_metrics, _metrics(client, champ.run_id, decision_keys(rule)), \
@@ -221,8 +221,7 @@ def _comparable_metrics(client, rule, base, cand_metrics, cand_run, champ, compa
                             f"{champ_run.data.tags.get('ichflow.split_digest')}, the candidate on "
                             f"{base['split_digest']}, and no re-evaluation was possible here")
     name = base["model_name"]
-    return compare_unseen(f"models:/{name}/{version_for_run(client, name, cand_run.info.run_id).version}",
-                          f"models:/{name}/{champ.version}", cand_run, champ_run)
+    return compare_unseen(f"models:/{name}/{version}", f"models:/{name}/{champ.version}", cand_run, champ_run)
 
 
 def _move_aliases(client, decision: Decision, champ) -> None:

@@ -60,7 +60,12 @@ class TaskResult(Mapping):
         return {**self.metrics, **fixed}
 
     def __getitem__(self, key):
-        return self.as_dict()[key]
+        if key not in FIXED_KEYS:
+            return self.metrics[key]
+        value = getattr(self, key)
+        if value in ("", None):   # no model logged / registered: absent, as in as_dict()
+            raise KeyError(key)
+        return value
 
     def __iter__(self):
         return iter(self.as_dict())

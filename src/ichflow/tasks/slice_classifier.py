@@ -409,7 +409,7 @@ class SliceClassifierModel(_PythonModel):
 
 def predict_scan(model: torch.nn.Module, cfg: dict, slices: np.ndarray) -> pd.DataFrame:
     """What the pyfunc returns for the slices of one scan (see :class:`SliceClassifierModel`)."""
-    x = _scan_tensor(as_scan(slices), cfg["image_size"], cfg["in_channels"], cfg["norm_mean"], cfg["norm_std"])
+    x = _scan_tensor(slices, cfg["image_size"], cfg["in_channels"], cfg["norm_mean"], cfg["norm_std"])
     model.eval()
     probs = []
     with torch.no_grad():
