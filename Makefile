@@ -7,12 +7,14 @@ export PATH := $(BIN):$(PATH)
 
 .PHONY: run test test-fast venv clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-nnunet.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch/torchvision first, from the pinned (local) wheels, so nothing pulls another torch build
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# nnU-Net's pinned set without its resolver conflict on timm (see the file)
+	$(BIN)/pip install --quiet --no-deps -r requirements-nnunet.txt
 	touch $@
 
 venv: $(VENV)/.installed
@@ -23,7 +25,7 @@ run: $(VENV)/.installed
 
 ## The test suite (uses ../shared real data when present)
 test: $(VENV)/.installed
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 ## The suite without the tests that train models (a few minutes)
 test-fast: $(VENV)/.installed

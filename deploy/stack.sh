@@ -15,15 +15,23 @@
 #   ICHFLOW_STACK_DIR        state: data, logs, pids, generated secrets (default <repo>/work/stack, ignored by git)
 #   ICHFLOW_STACK_PORT_BASE  first of the ports used (default 15400): postgres +0, mlflow +1, s3 +2, s3 grpc +3,
 #                            weed master +4/+5, volume +6/+7, filer +8/+9, admin +10 (its grpc: +10010)
-#   ICHFLOW_STACK_HOST       address every server binds (default 127.0.0.1; change only behind a firewall)
+#   ICHFLOW_STACK_HOST       address every server binds (default 127.0.0.1; another address must keep MLflow's auth on
+#                            and should sit behind a firewall)
 #   ICHFLOW_STACK_BUCKET     artifact bucket (default ichflow)
-#   ICHFLOW_STACK_AUTH=1     run MLflow with --app-name basic-auth (admin password generated into secrets.env)
+#   ICHFLOW_STACK_AUTH       1 (default): MLflow runs its basic-auth app (admin password generated into secrets.env;
+#                            `env` exports it as MLFLOW_TRACKING_USERNAME/PASSWORD); 0: no auth, 127.0.0.1 only
 #   ICHFLOW_STACK_WORKERS    MLflow server workers (default 2)
 #   PG_BIN, WEED, ICHFLOW_PYTHON   binaries (default: newest /usr/lib/postgresql/*/bin, the venv's weed/python)
 #   ICHFLOW_PG_PASSWORD, ICHFLOW_S3_ACCESS_KEY, ICHFLOW_S3_SECRET_KEY, ICHFLOW_MLFLOW_ADMIN_PASSWORD
 #                            credentials to use instead of generated ones (first `up` only; then secrets.env)
 # Secrets never appear on a command line: they are kept in $ICHFLOW_STACK_DIR/secrets.env (mode 600) and
-# passed to the servers through their environment (PGPASSWORD, AWS_*) or mode-600 files.
+# passed to the servers through their environment (PGPASSWORD, AWS_*, WEED_JWT_*) or mode-600 files.
+#
+# Only three ports answer a client: PostgreSQL (password), the S3 gateway (signed requests) and MLflow (basic
+# auth). SeaweedFS's internal ports (master, volume, filer, admin: HTTP and gRPC) speak mutual TLS with a CA
+# generated into $ICHFLOW_STACK_DIR/tls (mode 700), and the filer and volume servers also want a JWT signed with
+# keys from secrets.env: nothing without those files can list, read or overwrite an artifact behind the S3
+# gateway's back (models are pickles: whoever writes the store runs code in every process that loads them).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,6 +40,7 @@ HOST="${ICHFLOW_STACK_HOST:-127.0.0.1}"
 BASE="${ICHFLOW_STACK_PORT_BASE:-15400}"
 BUCKET="${ICHFLOW_STACK_BUCKET:-ichflow}"
 WORKERS="${ICHFLOW_STACK_WORKERS:-2}"
+AUTH="${ICHFLOW_STACK_AUTH:-1}"
 PY="${ICHFLOW_PYTHON:-$ROOT/.venv/bin/python}"
 PY_BIN="$(dirname "$PY")"
 WEED="${WEED:-$( [ -x "$PY_BIN/weed" ] && echo "$PY_BIN/weed" || command -v weed || true)}"
@@ -80,6 +89,14 @@ AWS_SECRET_ACCESS_KEY=${ICHFLOW_S3_SECRET_KEY:-$(gen)}
 MLFLOW_ADMIN_PASSWORD=${ICHFLOW_MLFLOW_ADMIN_PASSWORD:-$(gen)}
 EOF
         umask 022
+    fi
+    if ! grep -q '^WEED_JWT_SIGNING_KEY=' "$STATE/secrets.env"; then  # also for state dirs older than the JWT keys
+        cat >>"$STATE/secrets.env" <<EOF
+WEED_JWT_SIGNING_KEY=$(gen)
+WEED_JWT_SIGNING_READ_KEY=$(gen)
+WEED_JWT_FILER_SIGNING_KEY=$(gen)
+WEED_JWT_FILER_SIGNING_READ_KEY=$(gen)
+EOF
     fi
     chmod 600 "$STATE/secrets.env"
     # shellcheck disable=SC1091
@@ -179,7 +196,8 @@ start_s3() {
         "$FILER_PORT" "$FILER_GRPC_PORT" "$ADMIN_PORT" "$((ADMIN_PORT + 10000))"; do
         port_free "$p" || die "port $p (seaweedfs) is already in use on $HOST: set ICHFLOW_STACK_PORT_BASE"
     done
-    mkdir -p "$STATE/s3/data"
+    mkdir -p "$STATE/s3/data"; chmod 700 "$STATE/s3"  # volume files on disk are the artifacts themselves
+    write_weed_security
     (umask 077; "$PY" - "$STATE/s3/identities.json" <<'EOF'
 import json, os, sys
 ident = {"identities": [{"name": "ichflow", "credentials": [{"accessKey": os.environ["AWS_ACCESS_KEY_ID"],
@@ -187,16 +205,94 @@ ident = {"identities": [{"name": "ichflow", "credentials": [{"accessKey": os.env
 open(sys.argv[1], "w").write(json.dumps(ident))
 EOF
     )
-    # -ip.bind: weed's default binds every interface; never do that
-    setsid "$WEED" mini -dir="$STATE/s3/data" -ip="$HOST" -ip.bind="$HOST" -s3.config="$STATE/s3/identities.json" \
+    # -ip.bind: weed's default binds every interface; never do that. weed reads ./security.toml (cwd $STATE/s3);
+    # the JWT keys reach it through its environment, never a file or a command line.
+    (cd "$STATE/s3" && WEED_JWT_SIGNING_KEY="$WEED_JWT_SIGNING_KEY" WEED_JWT_SIGNING_READ_KEY="$WEED_JWT_SIGNING_READ_KEY" \
+        WEED_JWT_FILER_SIGNING_KEY="$WEED_JWT_FILER_SIGNING_KEY" \
+        WEED_JWT_FILER_SIGNING_READ_KEY="$WEED_JWT_FILER_SIGNING_READ_KEY" \
+    exec setsid "$WEED" mini -dir="$STATE/s3/data" -ip="$HOST" -ip.bind="$HOST" -s3.config="$STATE/s3/identities.json" \
         -s3.port="$S3_PORT" -s3.port.grpc="$S3_GRPC_PORT" -master.port="$MASTER_PORT" -master.port.grpc="$MASTER_GRPC_PORT" \
         -volume.port="$VOLUME_PORT" -volume.port.grpc="$VOLUME_GRPC_PORT" -filer.port="$FILER_PORT" \
         -filer.port.grpc="$FILER_GRPC_PORT" -admin.port="$ADMIN_PORT" -admin.ui=false -webdav=false \
         -s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
-        </dev/null >"$STATE/logs/seaweedfs.log" 2>&1 &
+        -filer.localSocket="$STATE/s3/filer.sock" -s3.localSocket="$STATE/s3/s3.sock" \
+        </dev/null >"$STATE/logs/seaweedfs.log" 2>&1) &
     echo $! >"$STATE/pids/s3.pid"
     wait_for 60 "s3 (seaweedfs)" s3_ok || die "seaweedfs S3 does not answer on $S3_URL: see $STATE/logs/seaweedfs.log"
     ensure_bucket
+}
+
+# A private CA and one certificate (server and client) for SeaweedFS's components; the CA key stays in
+# $STATE/tls. weed does not check host names: the SAN is there for TLS clients that do.
+write_weed_security() {
+    local tls="$STATE/tls"
+    if [ ! -f "$tls/weed.crt" ]; then
+        mkdir -p "$tls"; chmod 700 "$tls"
+        "$PY" - "$tls" "$HOST" <<'EOF' || die "could not create the TLS certificates in $tls"
+import datetime, ipaddress, os, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+folder, host = sys.argv[1], sys.argv[2]
+now = datetime.datetime.now(datetime.timezone.utc)
+ten_years = datetime.timedelta(days=3650)
+
+
+def name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def save(filename, data):
+    fd = os.open(os.path.join(folder, filename), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def pem_key(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+ca = (x509.CertificateBuilder().subject_name(name("ichflow stack CA")).issuer_name(name("ichflow stack CA"))
+      .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+      .not_valid_before(now).not_valid_after(now + ten_years)
+      .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(ca_key, hashes.SHA256()))
+alt = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+try:
+    alt.append(x509.IPAddress(ipaddress.ip_address(host)))
+except ValueError:
+    alt.append(x509.DNSName(host))
+cert = (x509.CertificateBuilder().subject_name(name("ichflow-seaweedfs")).issuer_name(ca.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + ten_years)
+        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(alt))), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256()))
+save("ca.key", pem_key(ca_key))
+save("ca.crt", ca.public_bytes(serialization.Encoding.PEM))
+save("weed.key", pem_key(key))
+save("weed.crt", cert.public_bytes(serialization.Encoding.PEM))
+EOF
+    fi
+    local component pair="cert = \"$tls/weed.crt\"
+key = \"$tls/weed.key\""
+    (umask 077
+    {
+        echo "# generated by deploy/stack.sh at every start; the JWT keys come from the environment (WEED_JWT_*)"
+        printf '[access]\nui = false\n[filer.expose_directory_metadata]\nenabled = false\n'
+        printf '[grpc]\nca = "%s"\n' "$tls/ca.crt"
+        for component in master volume filer s3 admin worker msg_broker msg_agent mq client; do
+            printf '[grpc.%s]\n%s\n' "$component" "$pair"
+        done
+        printf '[https.client]\nenabled = true\n%s\nca = "%s"\n' "$pair" "$tls/ca.crt"
+        for component in master volume filer admin; do
+            printf '[https.%s]\n%s\nca = "%s"\n' "$component" "$pair" "$tls/ca.crt"
+        done
+    } >"$STATE/s3/security.toml")
 }
 
 ensure_bucket() {
@@ -222,7 +318,7 @@ start_mlflow() {
     if alive mlflow "mlflow server" && mlflow_ok; then say "mlflow already running (pid $(pid_of mlflow))"; return; fi
     port_free "$MLFLOW_PORT" || die "port $MLFLOW_PORT (mlflow) is already in use on $HOST: set ICHFLOW_STACK_PORT_BASE"
     local app=() authenv=()
-    if [ "${ICHFLOW_STACK_AUTH:-0}" = 1 ]; then
+    if [ "$AUTH" = 1 ]; then
         (umask 077; cat >"$STATE/basic_auth.ini" <<EOF
 [mlflow]
 default_permission = READ
@@ -273,7 +369,7 @@ export PGPASSWORD="\$(sed -n 's/^PGPASSWORD=//p' $sec)"
 # export MLFLOW_S3_ENDPOINT_URL=$S3_URL AWS_DEFAULT_REGION=us-east-1
 # export AWS_ACCESS_KEY_ID="\$(sed -n 's/^AWS_ACCESS_KEY_ID=//p' $sec)" AWS_SECRET_ACCESS_KEY="\$(sed -n 's/^AWS_SECRET_ACCESS_KEY=//p' $sec)"
 EOF
-    if [ "${ICHFLOW_STACK_AUTH:-0}" = 1 ]; then
+    if [ "$AUTH" = 1 ]; then
         echo "export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\"\$(sed -n 's/^MLFLOW_ADMIN_PASSWORD=//p' $sec)\""
     fi
     return 0
@@ -294,6 +390,10 @@ one() {
 cmd="${1:-}"
 case "$cmd" in
     up)
+        case "$HOST" in 127.*|localhost|::1) ;; *)
+            [ "$AUTH" = 1 ] ||
+                die "ICHFLOW_STACK_HOST=$HOST is reachable by others: MLflow needs its auth (unset ICHFLOW_STACK_AUTH)";;
+        esac
         load_state create
         t0=$EPOCHREALTIME
         start_postgres

@@ -164,8 +164,9 @@ def test_a_champion_from_another_split_is_compared_only_on_patients_it_did_not_t
     client.set_registered_model_alias("ich-segmentation", "champion", str(seg["model_version"]))
     other = DataConfig(split_seed=8, val_fraction=0.5)
     cand = train_segmentation(SegmentationConfig(**SEG_TINY, split_seed=8, val_fraction=0.5))
-    if DEGENERATE_TAG in client.get_run(cand["run_id"]).data.tags:   # this test is about the comparison, not the gate
-        client.delete_tag(cand["run_id"], DEGENERATE_TAG)
+    for run_id in (cand["run_id"], seg["run_id"]):   # this test is about the comparison, not the gate
+        if DEGENERATE_TAG in client.get_run(run_id).data.tags:
+            client.delete_tag(run_id, DEGENERATE_TAG)
     rule = tmp_path / "rule.py"
     rule.write_text('PRIMARY = "val_dice"\nMARGIN = -1.0\nGUARDS = {}\nFLOOR = {}\n')
     champ_prep, cand_prep = prepare_data(DataConfig()), prepare_data(other)

@@ -192,7 +192,7 @@ def test_bad_parameters_are_rejected(synthetic_phe):
                         ({"pos_weight_multipliers": "1,2"}, "2 values for 3 classes")):
         with pytest.raises(ParameterError, match=msg):
             train_multilabel(dataclasses.replace(MultilabelConfig(), **change))
-    with pytest.raises(ParameterError, match="parameter classes: .*no subtype labels"):
+    with pytest.raises(ParameterError, match="parameter dataset: .*no subtype labels"):
         train_multilabel(MultilabelConfig(dataset="synthetic", synthetic_patients=12))
 
 

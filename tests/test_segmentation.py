@@ -21,6 +21,8 @@ from ichflow.paths import CHECKPOINT, MODEL_CONFIG, runs_dir
 from ichflow.prepare import prepare_data
 from ichflow.tasks.segmentation import REGISTERED_NAME, SegmentationConfig, train_segmentation
 from ichflow.tasks.segmentation.data import predict_scan
+from ichflow.tasks.segmentation.evaluate import THRESHOLDS
+from ichflow.tasks.segmentation.postprocess import MIN_VOXEL_GRID, drop_small_components
 from ichflow.tasks.segmentation.model import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +42,8 @@ def test_tiny_run_logs_params_metrics_figures_and_inputs(tiny_run):
     for key in ("test_dice", "test_dice_ci_low", "test_dice_pooled", "model_uri", "model_version", "threshold",
                 "val_threshold", "best_epoch", "epochs_run", "stopped_by_time_budget", "wall_seconds"):
         assert key in res, key
-    assert isinstance(res["model_version"], int) and res["val_threshold"] == res["threshold"]
+    assert isinstance(res["model_version"], int) and res["threshold"] in THRESHOLDS
+    assert res["min_component_voxels"] in MIN_VOXEL_GRID and res["ensemble_members"] == 1
     client = mlflow.MlflowClient()
     run = client.get_run(res["run_id"])
     assert run.info.status == "FINISHED"
@@ -67,6 +70,11 @@ def test_tiny_run_logs_params_metrics_figures_and_inputs(tiny_run):
         assert {f"figures/{split}_pixel_confusion.png", f"figures/{split}_overlays.png", f"eval/{split}_per_patient.csv",
                 f"eval/{split}_metrics.json"} <= arts
     assert "eval/val_threshold_sweep.csv" in arts and "eval/test_threshold_sweep.csv" not in arts  # chosen on val
+    assert "eval/val_postprocessing_sweep.csv" in arts and "eval/test_postprocessing_sweep.csv" not in arts
+    ablation = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
+                                                               artifact_path="eval/inference_ablation.csv"))
+    assert len(ablation) == 3 and ablation["test_dice"].iloc[-1] == pytest.approx(m["test_dice"])
+    assert ablation["test_dice"].iloc[0] == pytest.approx(m["ablation/test_dice_plain"])
     assert {"figures/training_loss_curves.png", "figures/training_val_dice_curves.png"} <= arts
     contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context") for d in run.inputs.dataset_inputs}
     assert contexts == {"training", "validation", "testing"}
@@ -99,7 +107,8 @@ def test_registered_model_reproduces_the_logged_evaluation(tiny_run):
         scan = np.asarray(images[rows])
         probs = loaded.predict(scan)
         assert probs.shape == scan.shape and probs.dtype == np.float32
-        expected, _ = predict_scan(model, scan, norm, 3, torch.device("cpu"))
+        expected, _ = predict_scan(model, scan, norm, 3, torch.device("cpu"), tta=config["tta"])
+        expected = drop_small_components(expected, config["threshold"], config["min_component_voxels"])
         np.testing.assert_allclose(probs, expected, atol=1e-5)
         # the mask output at the selected threshold reproduces the logged per-patient counts
         mask = loaded.predict(scan, params={"output": "mask"})
@@ -118,15 +127,55 @@ def test_tuning_trial_does_not_touch_test_or_register():
     before = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
     seen = []
     res = train_segmentation(SegmentationConfig(**{**TINY, "epochs": 3}, evaluate_test=False, register=False,
-                                                time_budget_min=0.001),
+                                                time_budget_min=0.001, tta="none"),
                              on_epoch_end=lambda epoch, metrics: seen.append((epoch, metrics["val_dice"])))
-    assert seen == [(0, pytest.approx(res["objective"]))]
+    assert [epoch for epoch, _ in seen] == [0]
+    # without TTA the selection reuses that epoch's predictions: at no post-processing it is the same number
+    if res["min_component_voxels"] == 0:
+        assert res["objective"] == pytest.approx(seen[0][1])
+    else:
+        assert res["objective"] >= seen[0][1]
     assert res["epochs_run"] == 1 and res["stopped_by_time_budget"] == 1.0 and res["best_epoch"] == 0
     assert not any(k.startswith("test_") for k in res) and "model_uri" not in res and "model_version" not in res
     run = mlflow.MlflowClient().get_run(res["run_id"])
     assert not any(k.startswith("test_") for k in run.data.metrics)
     after = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
     assert after == before
+
+
+@pytest.mark.slow
+def test_fold_ensemble_has_a_run_per_fold_and_serves_the_mean_of_its_members():
+    cfg = SegmentationConfig(**{**TINY, "epochs": 1}, n_folds=2)
+    res = train_segmentation(cfg)
+    client = mlflow.MlflowClient()
+    parent = client.get_run(res["run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["fold-0", "fold-1"]
+    assert all("val_dice" in r.data.metrics and r.info.status == "FINISHED" for r in children)
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
+                                                            artifact_path="eval/cv_patient_folds.csv"),
+                        dtype={"patient_id": str})
+    prep = prepare_data(cfg)
+    dev = pd.concat([subset(prep.manifest, prep.split, s) for s in ("train", "val")])
+    assert sorted(folds["patient_id"]) == sorted(dev["patient_id"].astype(str).unique())   # each patient once
+    assert res["ensemble_members"] == 2
+    assert {"ablation/test_dice_member_mean", "ablation/test_dice_member_best"} <= set(res)
+    loaded = mlflow.pyfunc.load_model(res["model_uri"])
+    assert loaded.metadata.metadata["members"] == 2
+    children = sorted(children, key=lambda r: r.info.run_name)
+    config = json.loads((runs_dir() / children[0].info.run_id / MODEL_CONFIG).read_text())   # beside fold-0's weights
+    members = []
+    for run in children:
+        net = build_model(config["model"])
+        net.load_state_dict(torch.load(runs_dir() / run.info.run_id / CHECKPOINT, weights_only=True))
+        members.append(net.eval())
+    test = subset(prep.manifest, prep.split, "test")
+    group = test[test["patient_id"] == test["patient_id"].iloc[0]].sort_values("slice_index")
+    scan = np.asarray(slice_cache(group["image_path"].tolist()))
+    expected, _ = predict_scan(members, scan, Normalizer(config["norm_mean"], config["norm_std"]), 3,
+                               torch.device("cpu"), tta="flip")
+    expected = drop_small_components(expected, config["threshold"], config["min_component_voxels"])
+    np.testing.assert_allclose(loaded.predict(scan), expected, atol=1e-5)
 
 
 @pytest.mark.slow

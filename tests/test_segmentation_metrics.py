@@ -4,6 +4,7 @@ No training here: every test runs in well under a second or two.
 """
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -150,6 +151,162 @@ def test_split_without_any_truth_has_no_patient_dice():
     assert "dice" not in m and m["dice_pooled"] == 1.0 and m["n_patients_no_truth"] == 1
 
 
+# ---------------------------------------------------------------- surface metrics (HD95, NSD)
+
+SPACING = (5.0, 0.508, 0.508)       # (slice, row, column) mm: PHE-SICH-CT-IDS voxels
+
+
+def _line(shape, z, x, y0=4, y1=16):
+    """A line of voxels along y: every voxel is an edge voxel, so every distance is the offset itself."""
+    m = np.zeros(shape, bool)
+    m[z, y0:y1, x] = True
+    return m
+
+
+def _surface(pred, truth, tol=2.0):
+    d_pg, d_gp, n_pred, n_truth = M.surface_distances(pred, truth, SPACING)
+    within, edges = M.nsd_counts(d_pg, d_gp, n_pred, n_truth, tol)
+    return M.hd95(d_pg, d_gp), (within / edges if edges else float("nan"))
+
+
+def test_hd95_and_nsd_of_offsets_in_mm_with_anisotropic_spacing():
+    shape = (6, 20, 20)
+    truth = _line(shape, 2, 5)
+    # 3 pixels sideways: 3 x 0.508 mm; one slice up: 5 mm; both: the diagonal
+    assert _surface(_line(shape, 2, 8), truth) == (pytest.approx(3 * 0.508, abs=1e-5), 1.0)
+    assert _surface(_line(shape, 3, 5), truth) == (pytest.approx(5.0), 0.0)
+    assert _surface(_line(shape, 3, 8), truth)[0] == pytest.approx(math.hypot(5.0, 3 * 0.508), abs=1e-5)
+    assert _surface(_line(shape, 3, 5), truth, tol=5.0)[1] == 1.0       # within a 5 mm tolerance
+    # identical masks: HD95 0, NSD 1
+    cube = np.zeros((8, 40, 40), bool)
+    cube[2:6, 10:30, 10:30] = True
+    assert _surface(cube, cube) == (0.0, 1.0)
+    # a solid cube shifted 2 pixels (1.016 mm < 2 mm): every edge voxel within tolerance, HD95 <= the shift
+    shifted = np.roll(cube, 2, axis=2)
+    hd, nsd = _surface(shifted, cube)
+    assert nsd == 1.0 and 0.0 < hd <= 2 * 0.508 + 1e-6
+    # shifted one slice (5 mm > 2 mm): the moved top and bottom faces miss, the side walls still match
+    hd, nsd = _surface(np.roll(cube, 1, axis=0), cube)
+    assert hd == pytest.approx(5.0) and 0.0 < nsd < 1.0
+
+
+def test_surface_edge_cases_follow_monai():
+    empty = np.zeros((4, 8, 8), bool)
+    blob = empty.copy()
+    blob[1:3, 3:5, 3:5] = True
+    both_empty = _surface(empty, empty)
+    assert math.isnan(both_empty[0]) and math.isnan(both_empty[1])       # nothing to compare: undefined
+    for pred, truth in ((blob, empty), (empty, blob)):                    # one side empty: NSD 0, HD95 undefined
+        hd, nsd = _surface(pred, truth)
+        assert math.isnan(hd) and nsd == 0.0
+
+
+def test_surface_metrics_equal_monai_compute_functions():
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    rng = np.random.default_rng(0)
+    truth = np.zeros((8, 48, 48), bool)
+    truth[2:6, 10:30, 12:34] = True
+    pred = np.roll(truth, (1, 3, -2), axis=(0, 1, 2)) | (rng.random(truth.shape) > 0.995)
+    for p, t in ((pred, truth), (truth, pred), (np.zeros_like(truth), truth)):
+        def onehot(m):
+            m = torch.from_numpy(m)[None, None].float()
+            return torch.cat([1 - m, m], dim=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")           # MONAI warns about the empty prediction
+            ref_hd = float(compute_hausdorff_distance(onehot(p), onehot(t), percentile=95,
+                                                      spacing=list(SPACING))[0, 0])
+            ref_nsd = float(compute_surface_dice(onehot(p), onehot(t), [2.0], spacing=list(SPACING))[0, 0])
+        hd, nsd = _surface(p, t)
+        assert (math.isnan(hd) and math.isnan(ref_hd)) or hd == pytest.approx(ref_hd, rel=1e-5)
+        assert nsd == pytest.approx(ref_nsd, rel=1e-6)
+
+
+def test_surface_crop_keeps_every_threshold_exact():
+    rng = np.random.default_rng(2)
+    probs = np.zeros((5, 30, 30), np.float32)
+    probs[1:4, 8:20, 5:15] = rng.random((3, 12, 10), dtype=np.float32)
+    probs[2, 10, 10] = np.float32(0.7)           # float32 0.7 < 0.7: compared as accumulate() compares
+    truth = np.zeros(probs.shape, bool)
+    truth[2, 12:18, 6:12] = True
+    grid = np.asarray((0.3, 0.5, 0.7))
+    crop_truth, level = M.surface_crop(probs, truth, grid)
+    assert level.dtype == np.uint8 and crop_truth.sum() == truth.sum()
+    assert level.shape == (5, 14, 12)                                    # the box of prob >= 0.3 plus one voxel
+    for k, thr in enumerate(grid, start=1):
+        assert (level >= k).sum() == (probs >= thr).sum()
+        full = _surface(probs >= thr, truth)
+        np.testing.assert_allclose(_surface(level >= k, crop_truth), full)   # the crop changes no distance
+    nothing = M.surface_crop(np.zeros((2, 4, 4)), np.zeros((2, 4, 4), bool), grid)
+    assert nothing[0].size == 0 and math.isnan(_surface(nothing[1] >= 1, nothing[0])[0])
+
+
+def test_summarise_surface_metrics_per_patient_pooled_and_in_the_report_table():
+    from ichflow.tasks.segmentation.evaluate import collect
+    from ichflow.tasks.segmentation.report import summary_markdown
+
+    shape = (6, 20, 20)
+    truth_a, truth_b = _line(shape, 2, 5), _line(shape, 2, 5)
+    prob_a = _line(shape, 2, 6) * 0.9                    # A: 1 pixel off (0.508 mm), all 12+12 edges within 2 mm
+    prob_b = _line(shape, 3, 5) * 0.9                    # B: one slice off (5 mm), no edge within 2 mm
+    prob_c = _line(shape, 1, 1) * 0.9                    # C: no edema, 12 false-positive edge voxels
+    prob_d = np.zeros(shape)                             # D: edema, nothing predicted: HD95 undefined, NSD 0
+    scans = [(pid, np.arange(6), np.zeros(shape, np.uint8), t, p.astype(np.float32), None)
+             for pid, t, p in (("A", truth_a, prob_a), ("B", truth_b, prob_b),
+                               ("C", np.zeros(shape, bool), prob_c), ("D", truth_a, prob_d))]
+    stats = collect(scans, (0.3, 0.5, 0.7))
+    m, table = M.summarise(stats, 0.5, 0.508, 5.0, surface=True)
+    rows = table.set_index("patient_id")
+    assert rows.loc["A", "hd95_mm"] == pytest.approx(0.508, abs=1e-5) and rows.loc["A", "nsd"] == 1.0
+    assert rows.loc["B", "hd95_mm"] == pytest.approx(5.0) and rows.loc["B", "nsd"] == 0.0
+    assert math.isnan(rows.loc["C", "hd95_mm"]) and rows.loc["C", "nsd"] == 0.0
+    assert math.isnan(rows.loc["D", "hd95_mm"]) and rows.loc["D", "nsd"] == 0.0
+    # per-patient over patients with truth (A, B, D); HD95 of D undefined, counted
+    assert m["hd95_mm"] == pytest.approx((0.508 + 5.0) / 2, abs=1e-5) and m["n_patients_hd95_undefined"] == 1
+    assert m["hd95_mm_median"] == pytest.approx(m["hd95_mm"]) and m["nsd"] == pytest.approx(1 / 3)
+    assert m["nsd_median"] == 0.0 and m["hd95_mm_ci_low"] <= m["hd95_mm"] <= m["hd95_mm_ci_high"]
+    # pooled NSD: A's 24 edge voxels within of A 24 + B 24 + C 12 + D 12
+    assert (m["surface_edges_within_tol"], m["surface_edges"]) == (24, 72) and m["nsd_pooled"] == pytest.approx(1 / 3)
+    # pooled HD95: A's and B's distances together (half 0.508, half 5 mm) -> 5 mm
+    assert m["hd95_mm_pooled"] == pytest.approx(5.0) and m["nsd_tolerance_mm"] == 2.0
+    # the tolerance is a parameter: at 5 mm B's edges count too
+    assert M.summarise(stats, 0.5, 0.508, 5.0, nsd_tolerance_mm=5.0, surface=True)[0]["nsd_pooled"] == \
+        pytest.approx(48 / 72)
+    # at 0.3 / 0.7 (other grid levels) the same masks: the prediction is 0.9 everywhere it is not 0
+    assert M.summarise(stats, 0.7, 0.508, 5.0, surface=True)[0]["hd95_mm"] == pytest.approx(m["hd95_mm"])
+    # the per-epoch validation (surface=False) and stats without crops skip them
+    assert "hd95_mm" not in M.summarise(stats, 0.5)[0] and "nsd" not in M.summarise(stats, 0.5)[1].columns
+    md = summary_markdown(m, "test")
+    assert "| HD95 (mm) | 2.8 [" in md and "| NSD @ 2.0 mm | 0.333 [" in md and "| Dice |" in md
+    assert "undefined (nothing predicted) for 1 patient(s)" in md
+    # SplitStats without crops (built from counts only) have no surface metrics even when asked
+    plain = _stats({"A": (prob_a, truth_a)})
+    assert "hd95_mm" not in M.summarise(plain, 0.5, surface=True)[0]
+
+
+def test_log_split_logs_hd95_and_nsd_like_dice(monkeypatch):
+    """What log_split hands MLflow (captured, no store): prefixed metrics, per-patient columns, the table."""
+    import mlflow
+
+    from ichflow.tasks.segmentation.evaluate import collect
+    from ichflow.tasks.segmentation.report import log_split
+
+    logged, texts = {}, {}
+    monkeypatch.setattr(mlflow, "log_metrics", lambda metrics, step=None: logged.update(metrics))
+    monkeypatch.setattr(mlflow, "log_text", lambda text, artifact: texts.__setitem__(artifact, text))
+    monkeypatch.setattr(mlflow, "log_dict", lambda d, artifact: None)
+    monkeypatch.setattr(mlflow, "log_figure", lambda fig, artifact: None)
+    shape = (6, 40, 40)
+    scans = [("A", np.arange(6), np.zeros(shape, np.uint8), _line(shape, 2, 15),
+              (_line(shape, 3, 15) * 0.9).astype(np.float32), None)]
+    out = log_split("test", collect(scans, (0.5,)), 0.5, 0, 0.508, 5.0)
+    assert logged["test_hd95_mm"] == pytest.approx(5.0) and logged["test_nsd"] == 0.0
+    assert logged["test_hd95_mm_median"] == pytest.approx(5.0) and logged["test_nsd_pooled"] == 0.0
+    assert logged["test_nsd_tolerance_mm"] == 2.0 and out["test_hd95_mm_pooled"] == pytest.approx(5.0)
+    assert "| HD95 (mm) | 5.0 [5.0, 5.0] | 5.0 | 5.0 |" in texts["eval/test_summary.md"]
+    assert {"hd95_mm", "nsd"} <= set(texts["eval/test_per_patient.csv"].splitlines()[0].split(","))
+
+
 # ---------------------------------------------------------------- 2.5D stacking
 
 
@@ -169,6 +326,7 @@ def test_25d_stacking_replicates_edges_and_never_mixes_patients():
     assert chans(3) == [20, 20, 21]   # p2 first slice does not see p1
     assert chans(4) == [20, 21, 21]
     assert stack_channels(images, 0, prev_idx, next_idx, 1).shape == (4, 4, 1)
+    assert stack_channels(images, 2, prev_idx, next_idx, 5)[0, 0].tolist() == [10, 10, 11, 12, 12]  # 2 either side
     with pytest.raises(ValueError, match="in_channels"):
         stack_channels(images, 0, prev_idx, next_idx, 2)
     # the pyfunc's scan-level neighbours (one scan in axial order) follow the same rule
@@ -287,7 +445,7 @@ def test_local_encoder_weights_load_and_adapt_first_conv(tmp_path):
     ({"threshold": "high"}, "threshold"), ({"encoder_weights": "imagenet"}, "encoder_weights"),
     ({"encoder": "resnet999"}, "encoder"), ({"target": "hematoma"}, "target"), ({"epochs": 0}, "epochs"),
     ({"decoder_channels": "16,16"}, "decoder_channels"), ({"decoder_channels": "a,b"}, "decoder_channels"),
-    ({"engine": "nnunet"}, "engine"), ({"scheduler": "step"}, "scheduler"), ({"lr": 0.0}, "lr"),
+    ({"engine": "monai"}, "engine"), ({"scheduler": "step"}, "scheduler"), ({"lr": 0.0}, "lr"),
     ({"warmup_fraction": 2.0}, "warmup_fraction"), ({"time_budget_min": -1.0}, "time_budget_min"),
 ])
 def test_bad_parameters_are_named(change, param):

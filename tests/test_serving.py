@@ -53,7 +53,8 @@ def _scan(task: str, n: int = 3) -> np.ndarray:
         from ichflow.tasks.multilabel import MultilabelConfig
 
         ml = MultilabelConfig()
-        prep = prepare_data(DataConfig(dataset=ml.dataset, synthetic_patients=ml.synthetic_patients,
+        prep = prepare_data(DataConfig(dataset=SPECS["multilabel"].synthetic_dataset,
+                                       synthetic_patients=ml.synthetic_patients,
                                        synthetic_slices=ml.synthetic_slices, n_folds=3))
     else:
         prep = prepare_data(DataConfig())
@@ -122,14 +123,15 @@ def _checkpoint_predict(task: str, res: dict, arr: np.ndarray):
         from ichflow.engine.augment import Normalizer
         from ichflow.tasks.segmentation.data import predict_scan
         from ichflow.tasks.segmentation.model import build_model
+        from ichflow.tasks.segmentation.postprocess import drop_small_components
 
         cfg = json.loads((runs / res["run_id"] / MODEL_CONFIG).read_text())
         model = build_model(cfg["model"])
         model.load_state_dict(torch.load(runs / res["run_id"] / CHECKPOINT, map_location="cpu", weights_only=True))
         model.eval()
         probs, _ = predict_scan(model, arr, Normalizer(cfg["norm_mean"], cfg["norm_std"]),
-                                cfg["model"]["in_channels"], torch.device("cpu"))
-        return probs
+                                cfg["model"]["in_channels"], torch.device("cpu"), tta=cfg["tta"])
+        return drop_small_components(probs, cfg["threshold"], cfg["min_component_voxels"])
     if task == "detection":
         from ichflow.tasks.detection.pyfunc import stacked, to_frame
         from ichflow.tasks.detection.yolo import YoloPredictor

@@ -11,7 +11,9 @@ FIXED = {"epochs": 6, "patience": 3}
 
 def suggest(trial):
     return {
-        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
+        "lr": trial.suggest_float("lr", 3e-4, 5e-3, log=True),
         "aug_strength": trial.suggest_float("aug_strength", 0.0, 1.0),
-        "arch": trial.suggest_categorical("arch", ["Unet", "FPN"]),
+        "fg_fraction": trial.suggest_float("fg_fraction", 0.3, 0.8),
+        "loss": trial.suggest_categorical("loss", ["dice+bce", "dice+focal", "tversky+bce"]),
+        "in_channels": trial.suggest_categorical("in_channels", [3, 5]),   # 2.5D context: 1 or 2 slices each side
     }

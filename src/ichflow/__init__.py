@@ -20,3 +20,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm/smp would try the Hugging F
 os.environ.setdefault(
     "YOLO_CONFIG_DIR", str(Path(os.environ.get("ICHFLOW_WORK_DIR", "work")).resolve() / "ultralytics")
 )
+
+
+def _credentials_out_of_tracking_uri() -> None:
+    """``MLFLOW_TRACKING_URI=https://user:pass@host`` -> the URI without them, plus MLFLOW_TRACKING_USERNAME /
+    MLFLOW_TRACKING_PASSWORD: MLflow sends them as basic auth all the same, but prints and logs the URI (every
+    "View run at ..." line) without the password."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")):
+        return
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    host = parts.netloc.rpartition("@")[2]
+    os.environ["MLFLOW_TRACKING_URI"] = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+_credentials_out_of_tracking_uri()

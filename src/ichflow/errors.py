@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -45,3 +46,8 @@ def check_range(name: str, value, low=None, high=None, low_open: bool = False, h
         where = f"in {lo}, {hi}" if low is not None and high is not None else \
             (f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}")
         raise ParameterError(name, f"must be {where}; got {value!r}")
+
+
+def mask_text(text: str) -> str:
+    """Mask credentials of any URL inside a message (e.g. a driver error quoting the URL)."""
+    return re.sub(r"([a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@", r"\1***@", str(text))

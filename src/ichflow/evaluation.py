@@ -36,9 +36,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from ichflow.data.splits import subset
+from ichflow.engine.modelio import verified_download
 from ichflow.errors import DataError, ParameterError, UserError, check_choice
 from ichflow.paths import default_data_dir
-from ichflow.prepare import DataConfig, Prepared, log_prepared, prepare_data
+from ichflow.prepare import DATASETS, DataConfig, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.spec import TASKS, task_spec
 from ichflow.tracking import log_params_once, task_run
 
@@ -78,12 +79,18 @@ class LoadedModel:
 
 
 def load_model(model_uri: str) -> LoadedModel:
-    """Load an ichflow pyfunc; a clear DataError when the URI is wrong or the model is not ours."""
+    """Load an ichflow pyfunc; a clear DataError when the URI is wrong or the model is not ours.
+
+    A registered version is downloaded and its files checked against the SHA-256 recorded at registration
+    BEFORE its pickle is loaded (unpickling runs code); a mismatch is refused with one line.
+    """
     uri = str(model_uri or "").strip()
     if not uri:
         raise ParameterError("model_uri", "empty; give e.g. models:/ich-segmentation@champion or runs:/<id>/model")
+    name, version = _registered_version(uri)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        verified = verified_download(uri, name, version) if version else None
+        model = mlflow.pyfunc.load_model(verified or uri)
     except (MlflowException, OSError, ValueError, TypeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ParameterError("model_uri", f"cannot load {uri!r}: {first}") from None
@@ -92,8 +99,8 @@ def load_model(model_uri: str) -> LoadedModel:
     if task not in TASKS:
         raise ParameterError("model_uri", f"{uri!r} is not an ichflow model: its MLflow metadata has "
                                           f"task={task!r}, expected one of {', '.join(TASKS)}")
-    loaded = LoadedModel(uri=uri, pyfunc=model, task=task, meta=meta, run_id=model.metadata.run_id or "")
-    loaded.name, loaded.version = _registered_version(uri)
+    loaded = LoadedModel(uri=uri, pyfunc=model, task=task, meta=meta, run_id=model.metadata.run_id or "",
+                         name=name, version=version)
     if loaded.run_id:
         try:
             loaded.train_params = dict(mlflow.MlflowClient().get_run(loaded.run_id).data.params)
@@ -202,6 +209,7 @@ def _evaluate_in_run(model: LoadedModel, prep: Prepared, part: pd.DataFrame, pat
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     """Entry point body: load the model, read the data, evaluate, log; returns run_id, task and eval_* metrics."""
     check_choice("patients", cfg.patients, PATIENTS)
+    validate_data_config(cfg, DATASETS + ("csv",))  # before the model is downloaded
     model = load_model(cfg.model_uri)
     prep = load_data(model.task, _data_config(model.task, cfg))
     part = select_patients(prep, cfg.patients)

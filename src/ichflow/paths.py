@@ -36,6 +36,7 @@ WORK_DIR_ENV = "ICHFLOW_WORK_DIR"
 
 CHECKPOINT = "checkpoint_best.pt"
 MODEL_CONFIG = "model_config.json"
+FAILURE_TAG = "ichflow.failure"   # run tag: why a run ended FAILED or KILLED (store fault, signal, process gone)
 
 
 def eval_artifact(split: str, what: str, ext: str = "csv") -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from ichflow.errors import ParameterError
+from ichflow.errors import ParameterError, UserError
 from ichflow.tasks.spec import TASKS
 from ichflow.tracking import log_params_once, task_run
 
@@ -72,12 +72,20 @@ def profile(quick) -> dict:
 def _step(entry: str, params: dict, experiment: str, key: str = "") -> str:
     """Run one entry point of this project (a normal run in ``experiment``); log its wall and CPU seconds."""
     t0, cpu0 = time.perf_counter(), _children_cpu()
-    submitted = mlflow.projects.run(str(project_dir()), entry_point=entry, parameters=params, env_manager="local",
-                                    experiment_name=experiment, synchronous=True)
+    try:
+        submitted = mlflow.projects.run(str(project_dir()), entry_point=entry, parameters=params,
+                                        env_manager="local", experiment_name=experiment, synchronous=True)
+    except mlflow.projects.ExecutionException as exc:  # the step printed its own error line above
+        raise UserError(f"pipeline step {key or entry} failed ({_first_line(exc)}); its error is printed "
+                        "above, this pipeline run is marked FAILED") from None
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
     mlflow.log_metrics({f"step_{key or entry}_seconds": wall, f"step_{key or entry}_cpu_seconds": cpu})
     print(f"[pipeline] {key or entry} finished in {wall:.0f} s, {cpu:.0f} CPU-s (run {submitted.run_id})")
     return submitted.run_id
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _children_cpu() -> float:
@@ -97,6 +105,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     from ichflow.prepare import DataConfig, resolve_source
 
     schedules = profile(cfg.quick)  # a bad value fails before any run starts
+    resolve_source(DataConfig(data_dir=cfg.data_dir, dataset=cfg.dataset))  # bad data_dir / dataset: same
     runs: dict[str, str] = {}
     t0, cpu0 = time.perf_counter(), _children_cpu()
     with task_run("pipeline", run_name="pipeline") as parent:

@@ -36,7 +36,7 @@ class DataConfig:
     """Which data to read and how to split it by patient."""
 
     data_dir: str = ""            # '' -> $ICHFLOW_DATA_DIR, else the synthetic phantom
-    dataset: str = "auto"         # auto | phe | ctich | synthetic | synthetic-ctich
+    dataset: str = "auto"         # auto (from data_dir's layout) | phe | ctich | synthetic | synthetic-ctich
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     n_folds: int = 5
@@ -57,18 +57,27 @@ class Prepared:
 
     @property
     def split_digest(self) -> str:
-        return frame_digest(self.split[["patient_id", "split", "fold"]])
+        return split_digest(self.split)
+
+
+def split_digest(split: pd.DataFrame) -> str:
+    """The ``ichflow.split_digest`` tag of a split table (as logged in ``data/split.csv``, patient_id as text)."""
+    return frame_digest(split[["patient_id", "split", "fold"]])
 
 
 def validate_data_config(cfg: DataConfig, datasets: tuple[str, ...] = DATASETS) -> None:
     """The data parameters of every entry point, checked before anything is read or a run is opened."""
     check_choice("dataset", cfg.dataset, datasets)
+    if cfg.data_dir and cfg.dataset.startswith("synthetic"):  # the folder would be ignored without a word
+        raise ParameterError("dataset", f"{cfg.dataset} generates a phantom, but data_dir={cfg.data_dir} was "
+                                        "given; use dataset=auto (the folder's layout decides), phe or ctich, "
+                                        "or leave data_dir empty for the phantom")
     check_range("val_fraction", cfg.val_fraction, 0.0, 1.0, high_open=True)
     check_range("test_fraction", cfg.test_fraction, 0.0, 1.0, high_open=True)
     if cfg.val_fraction + cfg.test_fraction >= 1.0:
         raise ParameterError("val_fraction/test_fraction", f"together {cfg.val_fraction + cfg.test_fraction:g}: "
                                                            "must leave patients for training (sum < 1)")
-    check_range("n_folds", cfg.n_folds, 2)
+    check_range("n_folds", cfg.n_folds, 1)
     check_range("synthetic_patients", cfg.synthetic_patients, 3)
     check_range("synthetic_slices", cfg.synthetic_slices, 1)
 
@@ -87,7 +96,7 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
         return variant, "synthetic", folder
     folder = Path(data_dir).expanduser()
     if not folder.is_dir():
-        raise DataError(folder, "data folder does not exist")
+        raise DataError(folder, "is a file, not a data folder" if folder.exists() else "data folder does not exist")
     if cfg.dataset == "auto":
         if phe.find_root(folder) is not None:
             return "phe", "real", folder
@@ -98,6 +107,19 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
     return cfg.dataset, "real", folder
 
 
+def prepared_folder(reader: str, source: str, manifest: pd.DataFrame, split: pd.DataFrame) -> Path:
+    """``work/prepared/<reader>-<source>-<key>``: the manifest AND the split name the folder, so a run with
+    another split_seed, fractions or n_folds never logs an earlier run's split.csv."""
+    key = hashlib.sha256((frame_digest(manifest) + frame_digest(split)).encode()).hexdigest()[:12]
+    return prepared_dir() / f"{reader}-{source}-{key}"
+
+
+def split_folds(cfg: DataConfig) -> int:
+    """The split's fold column: ``n_folds``, or the default when a task runs without folds (segmentation's
+    ``n_folds=1``: one model), so that task's split, and its digest, is every other task's split."""
+    return cfg.n_folds if cfg.n_folds >= 2 else DataConfig.n_folds
+
+
 def prepare_data(cfg: DataConfig) -> Prepared:
     """Read, validate and split. Writes ``work/prepared/<dataset>-<digest>/`` atomically."""
     reader, source, folder = resolve_source(cfg)
@@ -105,11 +127,10 @@ def prepare_data(cfg: DataConfig) -> Prepared:
     test_f, val_f = cfg.test_fraction, cfg.val_fraction
     try:
         split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
-                               n_folds=cfg.n_folds)
+                               n_folds=split_folds(cfg))
     except ValueError as exc:  # too few patients for the requested splits
         raise DataError(folder, f"{exc}; lower val_fraction/test_fraction or add patients") from None
-    key = hashlib.sha256((frame_digest(manifest) + frame_digest(split)).encode()).hexdigest()[:12]
-    out_dir = prepared_dir() / f"{reader}-{source}-{key}"   # the manifest AND the split name the folder
+    out_dir = prepared_folder(reader, source, manifest, split)
     if not (out_dir / "manifest.csv").exists():
         with atomic_dir(out_dir) as tmp:  # a concurrent writer (tuning worker) of the same content may win
             save_manifest(manifest, tmp / "manifest.csv")

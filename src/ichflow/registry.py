@@ -35,6 +35,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ichflow import model_pages
+from ichflow.engine.modelio import register_verified
 from ichflow.errors import ParameterError, UserError
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
@@ -133,7 +134,7 @@ def version_for_run(client: mlflow.MlflowClient, name: str, run_id: str, model_p
     found = client.search_model_versions(f"name='{name}' and run_id='{run_id}'")
     if found:
         return sorted(found, key=lambda v: int(v.version))[0]
-    return mlflow.register_model(f"runs:/{run_id}/{model_path}", name)
+    return register_verified(f"runs:/{run_id}/{model_path}", name)  # with the SHA-256 of its files
 
 
 def _alias(client, name, alias):

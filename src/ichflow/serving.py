@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from ichflow.data import ctich, phe
 from ichflow.data.images import IMAGE_SUFFIXES, read_gray
 from ichflow.data.manifest import atomic_write_text
+from ichflow.engine.files import staged_output
 from ichflow.errors import DataError, ParameterError
 from ichflow.tasks.spec import task_spec
 
@@ -89,23 +90,26 @@ def run_predict(cfg: PredictConfig) -> pd.DataFrame:
     loaded = load_model(cfg.model_uri)  # a wrong URI, alias or version: one line naming model_uri
     model, meta, task = loaded.pyfunc, loaded.meta, loaded.task
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ParameterError("output", f"{out} is a file, not a folder")
     glue = task_spec(task).predict_glue()
     rows, extra = [], []
-    with task_run("predict", run_name=f"predict-{task}"):
+    with task_run("predict", run_name=f"predict-{task}"), staged_output(out) as staged:
+        # everything is written into ``staged`` beside ``out`` and moved in at the end: a failure partway
+        # leaves the previous results in ``out`` whole
         log_params_once({"model_uri": cfg.model_uri, "model_name": loaded.name, "model_version": loaded.version,
                          "input": cfg.input, "output": str(out), "task": task, "scans": len(scans)})
         for scan, files in tqdm(scans.items(), desc="scans", unit="scan"):
             arr = load_scan(files)
-            columns, more = glue.predict_scan(model, meta, scan, files, arr, out, cfg.overlays)
+            columns, more = glue.predict_scan(model, meta, scan, files, arr, staged, cfg.overlays)
             rows += [{"scan": scan, "slice": i, "image": str(f), **c} for i, (f, c) in enumerate(zip(files, columns))]
             extra += more
         table = pd.DataFrame(rows)
-        atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
-        mlflow.log_artifact(str(out / "predictions.csv"))
+        atomic_write_text(staged / "predictions.csv", table.to_csv(index=False))
+        mlflow.log_artifact(str(staged / "predictions.csv"))
         if glue.TABLE:
-            atomic_write_text(out / glue.TABLE, pd.DataFrame(extra).to_csv(index=False))
-            mlflow.log_artifact(str(out / glue.TABLE))
+            atomic_write_text(staged / glue.TABLE, pd.DataFrame(extra).to_csv(index=False))
+            mlflow.log_artifact(str(staged / glue.TABLE))
         mlflow.log_metrics({"slices": len(table), "scans": len(scans)})
     print(f"[predict] {task}: {len(table)} slices of {len(scans)} scan(s) -> {out / 'predictions.csv'}")
     return table

@@ -3,14 +3,21 @@
 Tracking URI: ``MLFLOW_TRACKING_URI`` when set, else MLflow's own default (``sqlite:///mlflow.db`` in the
 working directory, artifacts in ``./mlruns``), which is also what ``mlflow ui`` opens in that folder. We
 never call ``set_tracking_uri`` ourselves: inside ``mlflow run`` that would detach the run (MLflow #2649).
+
+Every run records where its process lives (tags ``ichflow.host``, ``ichflow.pid``, ``ichflow.pid_start``,
+``ichflow.pid_namespace``). A run interrupted by SIGINT/SIGTERM is ended KILLED; one whose process vanished
+(SIGKILL, out of memory, power loss) is marked FAILED by the next run started in its experiment on that host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import re
+import socket
+import sys
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,7 +25,10 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import pandas as pd
 
-from ichflow.errors import DataError
+from ichflow.errors import DataError, mask_text
+from ichflow.paths import FAILURE_TAG
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(DataError):
@@ -49,11 +59,6 @@ def mask_uri(uri: str) -> str:
     if (netloc, query) == (parts.netloc, parts.query):
         return uri  # nothing secret: keep it byte for byte (urlunsplit would turn sqlite:/// into sqlite:/)
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def mask_text(text: str) -> str:
-    """Mask credentials of any URL inside a message (e.g. a driver error quoting the URL)."""
-    return re.sub(r"([a-zA-Z][\w+.-]*://[^:/@\s]+:)[^@\s]+@", r"\1***@", str(text))
 
 
 _reuse_active = False
@@ -99,13 +104,16 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
         if not launched and not nested and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
                                                 or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment(f"ichflow-{task}")
-        run = mlflow.start_run(run_name=run_name, nested=nested, tags={"ichflow.task": task, **(tags or {})})
+        run = mlflow.start_run(run_name=run_name, nested=nested,
+                               tags={"ichflow.task": task, **process_tags(), **(tags or {})})
     except Exception as exc:
         kind = _store_kind(exc, uri)
         if kind is None:
             raise
         raise StoreError(kind, uri, f"cannot start the run: {_first_line(exc)}") from exc
     try:
+        if not nested:  # a pipeline's steps share their parent's experiment: reaped once, by the parent
+            fail_runs_of_gone_processes(run.info.experiment_id)
         yield run
     except Exception as exc:
         kind = _store_kind(exc, uri)
@@ -117,11 +125,99 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
         raise StoreError(kind, where, f"{note}{_first_line(exc)}; run {run.info.run_id} "
                          f"{'marked FAILED' if marked else 'could not be marked FAILED (store unreachable)'}; "
                          f"{_kept_files(run.info.run_id)}") from exc
-    except BaseException:  # KeyboardInterrupt, SystemExit: like mlflow.start_run's context manager
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGINT/SIGTERM through cli.install_signal_handlers
+        close_interrupted_run(exc)
+        raise
+    except BaseException:  # SystemExit: like mlflow.start_run's context manager
         _end_run("FAILED")
         raise
     else:
         mlflow.end_run()
+
+
+def close_interrupted_run(exc: KeyboardInterrupt) -> None:
+    """End the active run KILLED; note on ``exc`` which run and where its best checkpoint stays (the CLI prints it)."""
+    from ichflow.paths import CHECKPOINT, work_dir
+
+    active = mlflow.active_run()
+    if active is None:
+        return
+    run_id = active.info.run_id
+    marked = _end_run("KILLED")
+    note = f"run {run_id} {'marked KILLED' if marked else 'could not be marked KILLED (store unreachable)'}"
+    checkpoint = work_dir() / "runs" / run_id / CHECKPOINT
+    if checkpoint.is_file():
+        note += f", best checkpoint kept: {checkpoint}"
+    exc.add_note(note)
+
+
+def process_tags() -> dict[str, str]:
+    """Where this process lives; the start time tells a reused pid apart, the namespace a container's pids."""
+    pid = os.getpid()
+    return {"ichflow.host": socket.gethostname(), "ichflow.pid": str(pid),
+            "ichflow.pid_start": _process_start(pid) or "", "ichflow.pid_namespace": _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def _process_start(pid: int) -> str | None:
+    """Start time of a live ``pid`` (Linux: clock ticks since boot; elsewhere ''); None when there is none."""
+    if pid <= 0:
+        return None
+    if sys.platform.startswith("linux"):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat.rpartition(")")[2].split()  # the command name before ")" may contain spaces
+        return None if fields[0] in ("Z", "X") else fields[19]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ""
+
+
+def fail_runs_of_gone_processes(experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of ``experiment_id`` whose process on this host is gone; their ids.
+
+    Gone: no such pid, or the pid now belongs to a process started at another time. Runs of other hosts (or
+    of another pid namespace here) are left alone: their processes cannot be seen from here.
+    """
+    here = process_tags()
+    client = mlflow.MlflowClient()
+    try:
+        runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING' and "
+                                                   f"tags.`ichflow.host` = '{here['ichflow.host']}'")
+    except Exception as exc:  # bookkeeping of older runs must never stop this one
+        log.warning("could not look for runs left RUNNING by dead processes: %s", _first_line(exc))
+        return []
+    failed = []
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("ichflow.pid_namespace", "") != here["ichflow.pid_namespace"]:
+            continue
+        pid = int(tags.get("ichflow.pid") or 0)
+        started = _process_start(pid)
+        if pid and started is not None and started == tags.get("ichflow.pid_start", started):
+            continue  # still alive
+        reason = f"process gone (pid {pid} on host {here['ichflow.host']})"
+        try:
+            client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+        except Exception as exc:
+            log.warning("could not mark run %s FAILED (%s): %s", run.info.run_id, reason, _first_line(exc))
+            continue
+        log.warning("run %s was left RUNNING (%s): marked FAILED", run.info.run_id, reason)
+        failed.append(run.info.run_id)
+    return failed
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,11 +13,17 @@ empty). The study is created once, before the workers start; running again with 
 resumes it. Passwords never go into the URL we log: pass them as ``PGPASSWORD`` (or ~/.pgpass); a password
 written in the URL anyway is masked in every param, tag and message.
 
-Lost workers (RDB storages): every running trial sends an Optuna heartbeat every ``heartbeat_s`` seconds.
+Lost workers (journal and RDB storages): every running trial sends an Optuna heartbeat every ``heartbeat_s``
+seconds (Optuna's journal storage has no heartbeat of its own: ``HeartbeatJournalStorage`` adds it as a trial
+system attribute, so Optuna's heartbeat thread, ``fail_stale_trials`` and retry callback work the same).
 A trial whose worker died (SIGKILL, OOM, lost machine) stops beating; the next trial start anywhere in the
 study, or this run's recovery step, finds it stale after the grace period, fails it, marks its MLflow child
 run FAILED (tag ``ichflow.failure``) and enqueues one retry with the same parameters. The run that
 launched the workers then tops the study up to ``n_trials`` finished trials itself.
+
+Signals: SIGINT/SIGTERM to ``tune`` stop its workers; an interrupted trial fails in Optuna and its MLflow run
+ends KILLED, as does the ``tune`` run. Workers die with the ``tune`` process (they get SIGTERM), so a killed
+``tune`` leaves no worker training on.
 """
 
 from __future__ import annotations
@@ -35,12 +41,16 @@ from dataclasses import dataclass
 
 import mlflow
 import optuna
+from optuna.storages import JournalStorage
+from optuna.storages._heartbeat import BaseHeartbeat
 
+from ichflow.cli import die_with_parent, install_signal_handlers
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
 from ichflow.tasks.spec import task_spec
-from ichflow.tracking import StoreError, log_params_once, mask_uri, reuse_active_run, task_run
+from ichflow.tracking import (FAILURE_TAG, StoreError, close_interrupted_run, log_params_once, mask_uri,
+                              process_tags, reuse_active_run, task_run)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +73,7 @@ class TuneConfig:
     dataset: str = "auto"
     overrides: str = ""            # extra fixed task params for every trial: "epochs=3,batch_size=4"
     refit_best: bool = True        # retrain the best params once with the test split + registration
-    heartbeat_s: int = 60          # RDB storages: Optuna heartbeat of running trials (stale after 2x); 0 = off
+    heartbeat_s: int = 60          # Optuna heartbeat of running trials (stale after 2x); 0 = off
 
 
 def load_space(task: str, path: str = ""):
@@ -119,16 +129,51 @@ def storage_url(cfg: TuneConfig, study_name: str) -> str:
     return f"journal:{path}"
 
 
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with Optuna's heartbeat: the last beat is a trial system attribute.
+
+    A RUNNING trial whose last beat (or start, for a retry that inherited an old beat) is older than the grace
+    period is stale; trials that never beat (run without a heartbeat) are left alone, as RDBStorage does.
+    """
+
+    BEAT = "ichflow.heartbeat"
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback=None):
+        super().__init__(backend)
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
+        self.heartbeat_stale_trial_callback = heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, self.BEAT, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another process already failed this trial as stale: Optuna ends the beating after it
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return [t._trial_id for t in running if self.BEAT in t.system_attrs
+                and now - max(t.system_attrs[self.BEAT], t.datetime_start.timestamp()) > self.grace_period]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.heartbeat_stale_trial_callback
+
+
 def open_storage(url: str, heartbeat_s: int = 0):
-    """The Optuna storage at ``url``; RDB storages get a heartbeat when ``heartbeat_s`` > 0.
+    """The Optuna storage at ``url``, with a heartbeat of running trials when ``heartbeat_s`` > 0.
 
     An unreachable database raises :class:`StoreError` naming the URL with its password masked.
     """
     if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+        backend = JournalFileBackend(url[len("journal:"):])
+        if heartbeat_s and heartbeat_s > 0:
+            return HeartbeatJournalStorage(backend, int(heartbeat_s), 2 * int(heartbeat_s), on_stale_trial)
+        return JournalStorage(backend)
     kwargs = {}
     if heartbeat_s and heartbeat_s > 0:
         kwargs = {"heartbeat_interval": int(heartbeat_s), "grace_period": 2 * int(heartbeat_s),
@@ -212,7 +257,7 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
         task_cfg = dataclasses.replace(config_cls(), **{**base, **params, "evaluate_test": False,
                                                         "register": False})
         tags = {"optuna.study": study_name, "optuna.trial": str(trial.number),
-                "ichflow.worker": f"{socket.gethostname()}:{os.getpid()}"}
+                "ichflow.worker": f"{socket.gethostname()}:{os.getpid()}", **process_tags()}
         retried = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
         if retried is not None:
             tags["optuna.retry_of"] = str(retried)
@@ -243,10 +288,26 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
         except optuna.TrialPruned:
             state = "PRUNED"
             raise
+        except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: Optuna fails the trial; the run says it was killed
+            mlflow.set_tags({"optuna.state": state, FAILURE_TAG: f"interrupted ({exc})"})
+            close_interrupted_run(exc)
+            raise
         finally:
-            mlflow.set_tag("optuna.state", state)
-            mlflow.end_run(status=_STATUS[state])
+            if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.info.run_id:
+                mlflow.set_tag("optuna.state", state)
+                mlflow.end_run(status=_STATUS[state])
     return objective
+
+
+def _worker_process(*args) -> None:
+    """A spawned worker: signals end its trial like the CLI's do, and it dies with the ``tune`` process."""
+    install_signal_handlers()
+    die_with_parent()
+    try:
+        _worker(*args)
+    except KeyboardInterrupt as exc:
+        log.warning("worker interrupted by %s: %s", exc, "; ".join(getattr(exc, "__notes__", [])))
+        raise SystemExit(128 + getattr(exc, "signum", 2)) from None
 
 
 def _worker(cfg: TuneConfig, study_name: str, url: str, parent_run_id: str, experiment_id: str, n_trials: int,
@@ -283,8 +344,72 @@ def validate(cfg: TuneConfig) -> None:
     check_range("timeout_min", cfg.timeout_min, 0)
     check_range("heartbeat_s", cfg.heartbeat_s, 0)
     check_choice("pruner", cfg.pruner, PRUNERS)
-    load_space(cfg.task, cfg.space)
-    parse_overrides(cfg.overrides, config_cls)
+    check_storage(cfg.storage or os.environ.get("ICHFLOW_OPTUNA_STORAGE", ""))
+    if cfg.storage and mask_uri(cfg.storage) != cfg.storage and os.environ.get("MLFLOW_RUN_ID"):
+        # ichflow masks it in what it logs, but `mlflow run` has already recorded every -P value verbatim
+        raise ParameterError("storage", f"{mask_uri(cfg.storage)!r} holds a password, which `mlflow run` has "
+                                        f"recorded in clear as a parameter of run {os.environ['MLFLOW_RUN_ID']}: "
+                                        "change that password, and pass it as PGPASSWORD or in ~/.pgpass")
+    space = load_space(cfg.task, cfg.space)
+    overrides = parse_overrides(cfg.overrides, config_cls)
+    check_trial_config(cfg, config_cls, space, overrides)
+
+
+def check_storage(url: str) -> None:
+    """'' (journal file), ``journal:<path>`` or an SQLAlchemy URL whose database driver is installed."""
+    if not url or url.startswith("journal:"):
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+        raise ParameterError("storage", f"{mask_uri(url)!r} is not journal:<file> nor a database URL with an "
+                                        f"installed driver (sqlite:///…, postgresql+psycopg2://…): {_first_line(exc)}"
+                             ) from None
+
+
+def check_trial_config(cfg: TuneConfig, config_cls, space, overrides: dict) -> None:
+    """A trial's task config (overrides + one point of the search space) passes the task's own checks, so a
+    bad override or a space of another task fails here, not as every trial failing inside the study."""
+    from ichflow.tasks.recipe import TaskRecipe
+
+    quiet, verbosity = optuna.logging.WARNING, optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(quiet)  # the throw-away in-memory study is no news to the user
+    try:
+        params = space.suggest(optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=cfg.seed)).ask())
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ParameterError("space", f"{space.SOURCE} suggests {unknown}, which {config_cls.__name__} has no "
+                                      f"parameter for (a search space of another task?)")
+    values = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED, **overrides, **params,
+              "evaluate_test": False, "register": False}
+    recipe_cls = next(c for c in _all_subclasses(TaskRecipe) if getattr(c, "spec", None) is not None
+                      and c.spec.name == cfg.task)
+    try:
+        recipe_cls().checked(dataclasses.replace(config_cls(), **values))
+    except ParameterError as exc:
+        source = "overrides" if exc.name in overrides else "space" if exc.name in params else exc.name
+        raise ParameterError(source, exc.problem if source == exc.name else f"{exc.name}: {exc.problem}") from None
+
+
+def _all_subclasses(cls) -> list:
+    import importlib
+
+    from ichflow.tasks.spec import TASKS
+
+    for spec in TASKS.values():  # the recipes live in each task's train module
+        importlib.import_module(f"{spec.package}.train")
+    found, todo = [], list(cls.__subclasses__())
+    while todo:
+        sub = todo.pop()
+        found.append(sub)
+        todo.extend(sub.__subclasses__())
+    return found
 
 
 def run_tune(cfg: TuneConfig) -> dict:
@@ -310,12 +435,16 @@ def run_tune(cfg: TuneConfig) -> dict:
             _worker(cfg, study_name, url, parent_id, exp_id, cfg.n_trials, 0)
         else:
             ctx = mp.get_context("spawn")
-            procs = [ctx.Process(target=_worker, args=(cfg, study_name, url, parent_id, exp_id, n, k),
+            procs = [ctx.Process(target=_worker_process, args=(cfg, study_name, url, parent_id, exp_id, n, k),
                                  name=f"tune-worker-{k}") for k, n in enumerate(shares(cfg.n_trials, cfg.n_workers)) if n]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+            try:
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join()
+            except KeyboardInterrupt:  # SIGINT/SIGTERM: the workers end their trials KILLED, then this run
+                _stop_workers(procs)
+                raise
             failed = [f"{p.name} (exit {p.exitcode})" for p in procs if p.exitcode != 0]
             if failed:
                 log.warning("workers exited abnormally: %s (their finished trials are kept)", failed)
@@ -342,6 +471,18 @@ def run_tune(cfg: TuneConfig) -> dict:
     return result
 
 
+def _stop_workers(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        if p.pid is not None:  # started
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -355,7 +496,7 @@ def _recover(cfg: TuneConfig, study_name: str, url: str, parent_id: str, exp_id:
     storage = open_storage(url, cfg.heartbeat_s)
     study = optuna.load_study(study_name=study_name, storage=storage)
     running = [t for t in study.trials[before:] if t.state == optuna.trial.TrialState.RUNNING]
-    if running and cfg.heartbeat_s > 0 and not url.startswith("journal:"):
+    if running and cfg.heartbeat_s > 0:
         deadline = time.monotonic() + 2 * cfg.heartbeat_s + cfg.heartbeat_s + 5
         while time.monotonic() < deadline:  # wait out the grace period of the dead worker's last heartbeat
             _fail_stale(study)
@@ -363,7 +504,7 @@ def _recover(cfg: TuneConfig, study_name: str, url: str, parent_id: str, exp_id:
                 break
             time.sleep(1)
     elif running:
-        log.warning("trials %s stay RUNNING: heartbeats need an RDB storage and heartbeat_s > 0",
+        log.warning("trials %s stay RUNNING: failing a lost worker's trials needs heartbeat_s > 0",
                     [t.number for t in running])
     trials = study.trials
     stale = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
@@ -390,9 +531,14 @@ def refit_best(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, experim
     task_cfg = dataclasses.replace(config_cls(), **{**fixed, **params, "evaluate_test": True, "register": True})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"best-trial-{best.number:03d}-refit",
                           parent_run_id=parent_run_id, nested=True,
-                          tags={"optuna.study": study.study_name, "optuna.best_trial": str(best.number)}):
-        with reuse_active_run():
-            out = train_fn(task_cfg)
+                          tags={"optuna.study": study.study_name, "optuna.best_trial": str(best.number),
+                                **process_tags()}):
+        try:
+            with reuse_active_run():
+                out = train_fn(task_cfg)
+        except KeyboardInterrupt as exc:  # KILLED, not the FAILED of mlflow's context manager
+            close_interrupted_run(exc)
+            raise
     return {k: v for k, v in out.items() if isinstance(v, (str, int, float))}
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ichflow.data.images import read_gray
+from ichflow.data.images import IMAGE_SUFFIXES, decode_mask, faint_mask_detail, read_gray
 from ichflow.data.manifest import make_manifest
 from ichflow.data.report import ValidationReport
 from ichflow.errors import DataError
@@ -61,10 +61,19 @@ def read_ctich(data_dir: str | Path, workers: int = 4):
     if labels.empty:
         raise DataError(csv_path, "no slices listed")
     report = ValidationReport("ctich", str(root))
-    dups = labels.duplicated(["PatientNumber", "SliceNumber"])
+    key = ["PatientNumber", "SliceNumber"]
+    distinct = labels.drop_duplicates()
+    conflicting = distinct.duplicated(key, keep=False)
+    if conflicting.any():  # which row is the truth cannot be guessed
+        r = distinct[conflicting].iloc[0]
+        lines = [int(i) + 2 for i in labels.index[(labels.PatientNumber == r.PatientNumber)
+                                                  & (labels.SliceNumber == r.SliceNumber)]]
+        raise DataError(csv_path, f"patient {r.PatientNumber} slice {r.SliceNumber} is listed with different "
+                                  f"labels on data rows {lines}; keep one row per slice")
+    dups = labels.duplicated(key)
     for _, r in labels[dups].iterrows():
-        report.warn("duplicate_row", csv_path, f"patient {r.PatientNumber} slice {r.SliceNumber} listed twice; "
-                                               "first row kept")
+        report.warn("duplicate_row", csv_path, f"patient {r.PatientNumber} slice {r.SliceNumber} listed twice "
+                                               "with the same labels; one kept")
     labels = labels[~dups]
 
     def one(r):
@@ -74,15 +83,14 @@ def read_ctich(data_dir: str | Path, workers: int = 4):
             return r, img_path, None
         img = read_gray(img_path)
         mask_file = brain / f"{int(r.SliceNumber)}_HGE_Seg.jpg"
-        mask_path, mask_pixels = "", -1
+        mask_path, mask_pixels, faint = "", -1, 0
         if mask_file.exists():
-            mask = read_gray(mask_file)
+            mask, faint = decode_mask(mask_file)
             if mask.shape != img.shape:
                 raise DataError(mask_file, f"mask size {mask.shape[1]}x{mask.shape[0]} != image size "
                                            f"{img.shape[1]}x{img.shape[0]}")
-            # JPEG masks carry compression noise around 0/255: threshold at half range
-            mask_path, mask_pixels = str(mask_file.resolve()), int(np.count_nonzero(mask > 127))
-        return r, img_path, (img.shape, mask_path, mask_pixels)
+            mask_path, mask_pixels = str(mask_file.resolve()), int(np.count_nonzero(mask))
+        return r, img_path, (img.shape, mask_path, mask_pixels, faint)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         decoded = list(pool.map(one, (r for r in labels.itertuples(index=False))))
@@ -92,7 +100,9 @@ def read_ctich(data_dir: str | Path, workers: int = 4):
         if info is None:
             report.warn("missing_image", img_path, "listed in the CSV but the file is missing; row dropped")
             continue
-        (h, w), mask_path, mask_pixels = info
+        (h, w), mask_path, mask_pixels, faint = info
+        if faint:
+            report.warn("faint_jpeg_mask", mask_path, faint_mask_detail(faint), drops_data=True)
         flags = {short: int(getattr(r, long)) for long, short in SUBTYPE_COLUMNS.items()}
         any_bleed = any(flags.values())
         if any_bleed == bool(r.No_Hemorrhage):
@@ -108,8 +118,18 @@ def read_ctich(data_dir: str | Path, workers: int = 4):
     if not rows:
         raise DataError(root / "Patients_CT", "no CT slices found for the rows of the CSV")
     listed = {Path(x) for x in (row["image_path"] for row in rows)}
-    for p in sorted((root / "Patients_CT").glob("*/brain/*.jpg")):
-        if not p.stem.endswith("_HGE_Seg") and p.resolve() not in listed:
+    used_masks = {Path(row["mask_path"]) for row in rows if row["mask_path"]}
+    used = listed | used_masks
+    for p in sorted((root / "Patients_CT").glob("*/brain/*")):
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.name.startswith(".") or p.resolve() in used:
+            continue
+        if p.with_suffix(".jpg").resolve() in used:
+            report.warn("duplicate_format", p, f"the same slice as {p.with_suffix('.jpg').name} in another "
+                                               "format; the .jpg (the published format) used, this file ignored",
+                        drops_data=True)
+        elif p.stem.endswith("_HGE_Seg"):
+            report.warn("unused_mask", p, "mask of no listed slice, or not a .jpg; ignored")
+        else:
             report.warn("unlisted_image", p, "slice not in the CSV (no label); ignored")
     manifest = make_manifest(rows)
     report.summarise(manifest)

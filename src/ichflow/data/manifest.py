@@ -10,7 +10,7 @@ mask_path      absolute path of the mask ('' when the source has none)
 boxes          JSON list of pixel ``[xmin, ymin, xmax, ymax]`` boxes ('[]' for none)
 has_lesion     slice label: PHE = an annotated box, CT-ICH = any hemorrhage
 has_mask       a mask file exists
-mask_pixels    foreground pixels of the mask (-1 without mask)
+mask_pixels    lesion pixels of the mask under the one mask convention (data.images.read_mask); -1 without
 IVH IPH SAH EDH SDH   subtype flags (0/1; empty where the source has no subtype labels)
 width height   image size in pixels
 """
@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+
+from ichflow.errors import DataError
 
 SUBTYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")
 COLUMNS = (
@@ -37,10 +39,20 @@ _DTYPES = {
 
 
 def make_manifest(rows: list[dict]) -> pd.DataFrame:
-    """Build a manifest with the canonical column order and dtypes, sorted by patient and slice."""
+    """Build a manifest with the canonical column order and dtypes, sorted by patient and slice.
+
+    Raises DataError naming both files when two rows are the same patient and slice (one would silently
+    shadow the other in every split, cache and metric).
+    """
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df = df.astype(_DTYPES)
-    return df.sort_values(["patient_id", "slice_index"], kind="stable").reset_index(drop=True)
+    df = df.sort_values(["patient_id", "slice_index"], kind="stable").reset_index(drop=True)
+    twice = df.duplicated(["patient_id", "slice_index"], keep=False)
+    if twice.any():
+        first, second = df[twice].iloc[0], df[twice].iloc[1]
+        raise DataError(second["image_path"], f"patient {first['patient_id']} slice {first['slice_index']} "
+                                              f"is also {first['image_path']}: two files for one slice")
+    return df
 
 
 def save_manifest(df: pd.DataFrame, path: str | Path) -> Path:

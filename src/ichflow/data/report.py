@@ -27,9 +27,13 @@ class ValidationReport:
     anomalies: list[Anomaly] = field(default_factory=list)
     counts: dict = field(default_factory=dict)
 
-    def warn(self, kind: str, path, detail: str) -> None:
+    def warn(self, kind: str, path, detail: str, drops_data: bool = False) -> None:
+        """Record an anomaly; one that drops data the user gave (``drops_data``) is also a warning line."""
         self.anomalies.append(Anomaly(kind, str(path), detail))
-        log.debug("%s: %s (%s)", kind, path, detail)
+        if drops_data:
+            log.warning("%s: %s (%s)", path, detail, kind)
+        else:
+            log.debug("%s: %s (%s)", kind, path, detail)
 
     def of_kind(self, kind: str) -> list[Anomaly]:
         return [a for a in self.anomalies if a.kind == kind]

@@ -28,3 +28,24 @@ def atomic_dir(target: str | Path):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_output(target: str | Path):
+    """Yield a temporary folder beside ``target``; on success each of its entries replaces the one of the same
+    name in ``target`` (other files there are kept), on an exception it is removed and ``target`` is untouched:
+    a run that fails partway never leaves old and new results mixed."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-new-"))
+    old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-old-"))
+    try:
+        yield tmp
+        for entry in sorted(tmp.iterdir()):
+            dest = target / entry.name
+            if dest.exists() or dest.is_symlink():
+                os.replace(dest, old / entry.name)
+            os.replace(entry, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

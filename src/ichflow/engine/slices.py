@@ -1,26 +1,39 @@
 """Decode slices once into a memory-mapped uint8 cache; neighbours for 2.5D input.
 
-A cache file is keyed by the image paths and the target size, so it is rebuilt when the manifest
-changes and reused across runs and processes (DataLoader workers map the same file).
+A cache file is keyed by the image paths, their size and modification time, the target size and the mask
+convention, so it is rebuilt when the manifest or a file changes and reused across runs and processes
+(DataLoader workers map the same file).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ichflow.data.images import read_gray
+from ichflow.data.images import read_gray, read_mask
+from ichflow.errors import DataError
 from ichflow.paths import cache_dir
+
+MASK_CACHE_RULE = "nonzero-v2"   # changes the key of mask caches written under an older convention
+
+
+def _stamp(path: str) -> str:
+    """Size and mtime of a file ('' for none/missing): a rewritten file gets a new cache."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}" if st else ""
 
 
 def _decode(path: str, size: int | None, is_mask: bool) -> np.ndarray:
-    arr = read_gray(path)
-    if is_mask:
-        arr = np.where(arr > 127, 255, 0).astype(np.uint8)  # JPEG masks carry noise around 0/255
+    # masks are cached as 0/255 under the one mask convention (ichflow.data.images.read_mask)
+    arr = np.where(read_mask(path), 255, 0).astype(np.uint8) if is_mask else read_gray(path)
     if size and arr.shape != (size, size):
         resample = Image.NEAREST if is_mask else Image.BILINEAR
         arr = np.asarray(Image.fromarray(arr).resize((size, size), resample))
@@ -29,7 +42,9 @@ def _decode(path: str, size: int | None, is_mask: bool) -> np.ndarray:
 
 def slice_cache(paths: list[str], size: int | None = None, is_mask: bool = False) -> np.ndarray:
     """(N, H, W) uint8 memmap of the given files ('' paths give zero images, e.g. missing masks)."""
-    key = hashlib.sha1(("\n".join(paths) + f"|{size}|{is_mask}").encode()).hexdigest()[:16]
+    stamps = "\n".join(f"{p}|{_stamp(p)}" for p in paths)
+    rule = f"|mask:{MASK_CACHE_RULE}" if is_mask else ""
+    key = hashlib.sha1((stamps + f"|{size}|{is_mask}{rule}").encode()).hexdigest()[:16]
     target = cache_dir() / "slices" / f"{key}.npy"
     if target.exists():
         return np.load(target, mmap_mode="r")
@@ -39,19 +54,27 @@ def slice_cache(paths: list[str], size: int | None = None, is_mask: bool = False
     shape = _decode(first, size, is_mask).shape
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:  # a failed decode (or a signal) must not leave a full-size temporary file behind
+        _fill(tmp, paths, size, is_mask, shape)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r")
+
+
+def _fill(tmp: Path, paths: list[str], size: int | None, is_mask: bool, shape: tuple[int, ...]) -> None:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), *shape))
     for i, p in enumerate(paths):
         if p:
             arr = _decode(p, size, is_mask)
             if arr.shape != shape:
-                raise ValueError(f"{p}: size {arr.shape} differs from {shape}; pass a size to resize")
+                raise DataError(p, f"size {arr.shape[1]}x{arr.shape[0]} differs from the first slice's "
+                                   f"{shape[1]}x{shape[0]}")
             out[i] = arr
         else:
             out[i] = 0
     out.flush()
     del out
-    os.replace(tmp, target)
-    return np.load(target, mmap_mode="r")
 
 
 def neighbour_indices(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
@@ -71,9 +94,12 @@ def neighbour_indices(manifest: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 def stack_channels(images: np.ndarray, i: int, prev_idx: np.ndarray, next_idx: np.ndarray,
                    channels: int) -> np.ndarray:
-    """(H, W, C) uint8 input for row i: C=1 the slice, C=3 (below, slice, above)."""
-    if channels == 1:
-        return images[i][..., None]
-    if channels == 3:
-        return np.stack([images[prev_idx[i]], images[i], images[next_idx[i]]], axis=-1)
-    raise ValueError(f"in_channels must be 1 or 3 (2.5D), got {channels}")
+    """(H, W, C) uint8 input for row i: C=1 the slice, C=3 (below, slice, above), C=5 two slices either side
+    (a neighbour missing at the end of a scan repeats the last one there)."""
+    if channels not in (1, 3, 5):
+        raise ValueError(f"in_channels must be 1, 3 or 5 (2.5D), got {channels}")
+    below, above, rows = i, i, [i]
+    for _ in range(channels // 2):
+        below, above = int(prev_idx[below]), int(next_idx[above])
+        rows = [below, *rows, above]
+    return images[i][..., None] if channels == 1 else np.stack([images[r] for r in rows], axis=-1)

@@ -4,7 +4,8 @@ One epoch = a pass over the train loader (or ``steps_per_epoch`` batches of it),
 on the validation split. Per-epoch metrics go to MLflow with ``step=epoch``; the best checkpoint (by
 ``monitor``) is kept on disk and restored at the end; training stops early after ``patience`` epochs
 without improvement, or when the :class:`~ichflow.engine.budget.TimeBudget` says one more epoch would overrun
-(``FitResult.stopped_by_time_budget``). However the loop ends, the best checkpoint is restored.
+(``FitResult.stopped_by_time_budget``). However the loop ends (a signal included), the best checkpoint is
+restored; it is written to a temporary file and renamed, so an interruption never leaves half a checkpoint.
 ``on_epoch_end(epoch, metrics)`` is the hook Optuna pruning uses (it may raise ``optuna.TrialPruned``; the loop
 lets it through after restoring the best checkpoint).
 """
@@ -12,6 +13,7 @@ lets it through after restoring the best checkpoint).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +57,17 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
+def save_atomically(state: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: ``path`` is the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 class Trainer:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compute_loss: Callable,
                  device: torch.device, amp_dtype: torch.dtype | None = None, scheduler=None,
@@ -75,31 +88,31 @@ class Trainer:
         total, count, n_steps = 0.0, 0, 0
         limit = steps if steps else len(loader)
         bar = tqdm(total=limit, desc=f"epoch {epoch}", leave=False, disable=not self.progress, unit="batch")
-        t0 = time.perf_counter()
-        while n_steps < limit:
-            for batch in loader:
-                with autocast(self.device, self.amp_dtype):
-                    loss, bs = self.compute_loss(self.model, batch, self.device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite training loss at epoch {epoch} step {n_steps}; "
-                                             "lower the learning rate")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if self.grad_clip:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if self.scheduler is not None:
-                    self.scheduler.step()
-                total += loss.item() * bs
-                count += bs
-                n_steps += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{total / count:.4f}")
-                if n_steps >= limit:
-                    break
-        bar.close()
+        with bar:  # closed on an exception (a signal) too: the error line does not land on a half-drawn bar
+            t0 = time.perf_counter()
+            while n_steps < limit:
+                for batch in loader:
+                    with autocast(self.device, self.amp_dtype):
+                        loss, bs = self.compute_loss(self.model, batch, self.device)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite training loss at epoch {epoch} step {n_steps}; "
+                                                 "lower the learning rate")
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    if self.grad_clip:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if self.scheduler is not None:
+                        self.scheduler.step()
+                    total += loss.item() * bs
+                    count += bs
+                    n_steps += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{total / count:.4f}")
+                    if n_steps >= limit:
+                        break
         secs = time.perf_counter() - t0
         return {"train_loss": total / max(count, 1), "train_images_per_s": count / max(secs, 1e-9),
                 "epoch_seconds": secs}
@@ -128,8 +141,7 @@ class Trainer:
                 if sign * metrics[monitor] > best:
                     best, best_epoch = sign * metrics[monitor], epoch
                     if checkpoint:
-                        checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                        torch.save(self.model.state_dict(), checkpoint)
+                        save_atomically(self.model.state_dict(), checkpoint)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, metrics)
                 if epoch - best_epoch >= patience:

@@ -12,7 +12,8 @@ import torch
 from ichflow.engine.device import default_workers
 from ichflow.paths import runs_dir
 from ichflow.prepare import DataConfig
-from ichflow.errors import ParameterError
+from ichflow.engine.resources import check_training_memory
+from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.tracking import log_params_once, same_param
 
 
@@ -34,6 +35,32 @@ class TrainConfig(DataConfig):
     num_workers: int = -1         # DataLoader workers, -1 = automatic
     register: bool = True         # register the logged model as a new version in the Model Registry
     evaluate_test: bool = True    # False inside tuning trials: the test split is touched once, for the best
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+SIZE_FIELDS = ("patch_size", "image_size", "imgsz")   # the side of the square a task trains on
+
+
+def validate_train_config(cfg) -> None:
+    """The knobs every torch task shares, and whether one training step fits in memory (before any work)."""
+    device = str(cfg.device)
+    if device not in DEVICES and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise ParameterError("device", f"must be one of {', '.join(DEVICES)} or cuda:<index>; got {device!r}")
+    check_choice("amp", cfg.amp, AMP_MODES)
+    check_range("seed", cfg.seed, 0)
+    check_range("lr", cfg.lr, 0.0, low_open=True)
+    check_range("weight_decay", cfg.weight_decay, 0.0)
+    check_range("aug_strength", cfg.aug_strength, 0.0, 1.0)
+    check_range("num_workers", cfg.num_workers, -1)
+    for name in ("epochs", "patience", "batch_size"):
+        check_range(name, getattr(cfg, name), 1)
+    pretrained = str(getattr(cfg, "pretrained", "") or "").strip()
+    if pretrained and not Path(pretrained).expanduser().is_file():
+        raise ParameterError("pretrained", f"no weights file at {pretrained!r} (give a local file, or leave it empty)")
+    size_name = next((n for n in SIZE_FIELDS if hasattr(cfg, n)), None)
+    if size_name:
+        check_training_memory(size_name, getattr(cfg, size_name), cfg.batch_size, cfg.in_channels, device)
 
 
 def apply_preset(cfg, presets: dict[str, dict]):

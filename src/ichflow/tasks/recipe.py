@@ -24,7 +24,7 @@ from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
 from ichflow.prepare import DATASETS, Prepared, log_prepared, prepare_data, validate_data_config
-from ichflow.tasks.common import apply_preset, log_config, log_preset_values
+from ichflow.tasks.common import apply_preset, log_config, log_preset_values, validate_train_config
 from ichflow.tasks.spec import DEGENERATE_TAG, TaskSpec
 from ichflow.tracking import task_run
 
@@ -86,10 +86,16 @@ class TaskRecipe:
         self.prep: Prepared | None = None
 
     # ---------------------------------------------------------------------------------------- the outline
-    def run(self, cfg, on_epoch_end=None) -> TaskResult:
+    def checked(self, cfg):
+        """The config with its preset applied and every parameter checked (ParameterError); no work done."""
         cfg = self.resolve(apply_preset(cfg, self.presets))
         self.validate(cfg)      # the task's own checks first: its messages are the more specific ones
         validate_data_config(cfg, self.datasets)
+        validate_train_config(cfg)
+        return cfg
+
+    def run(self, cfg, on_epoch_end=None) -> TaskResult:
+        cfg = self.checked(cfg)
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         t_wall = time.perf_counter()

@@ -53,6 +53,8 @@ class DetectionRecipe(TaskRecipe):
         check_range("neg_fraction", cfg.neg_fraction, 0.0, 1.0, low_open=True)
         check_range("time_budget_min", cfg.time_budget_min, 0.0)
         check_range("aug_strength", cfg.aug_strength, 0.0, 1.0)
+        check_range("mosaic", cfg.mosaic, 0.0, 1.0)
+        check_range("close_mosaic", cfg.close_mosaic, 0)
         engine.check(cfg)
 
     def run_name(self, cfg: DetectionConfig) -> str:

@@ -27,7 +27,8 @@ PRESETS = {
 class MultilabelConfig(TrainConfig):
     """Multi-label subtype classifier (timm CNN, k sigmoid outputs), evaluated by patient-level k-fold CV."""
 
-    dataset: str = "synthetic-ctich"  # also ctich, or csv (data_dir = a labels CSV image,<class>,...)
+    dataset: str = "auto"             # auto: data_dir's layout, or synthetic-ctich without data; ctich; csv
+                                      # (data_dir = a labels CSV image,<class>,...); synthetic-ctich
     synthetic_patients: int = 20      # phantom when no data_dir: 20 patients x 8 slices, each class in 8 patients
     synthetic_slices: int = 8
     classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
@@ -55,6 +56,20 @@ def parse_classes(text: str) -> list[str]:
     if len(set(classes)) != len(classes):
         raise ParameterError("classes", f"has duplicates: {classes}")
     return classes
+
+
+SUBTYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")        # the CT-ICH subtype columns (a labels CSV may have others)
+NO_SUBTYPE_LABELS = ("phe", "synthetic")             # datasets whose readers carry no subtype labels
+
+
+def validate_labels(classes: list[str], dataset: str) -> None:
+    """The classes exist in the chosen dataset, before it is read (a labels CSV is checked when read)."""
+    if dataset in NO_SUBTYPE_LABELS:
+        raise ParameterError("dataset", f"{dataset!r} has no subtype labels; use ctich, synthetic-ctich, csv or auto")
+    unknown = [c for c in classes if c not in SUBTYPES]
+    if dataset in ("ctich", "synthetic-ctich") and unknown:  # auto may be a labels CSV with its own columns
+        raise ParameterError("classes", f"{unknown} are not subtypes of CT-ICH ({', '.join(SUBTYPES)}); other "
+                                        "classes need a labels CSV (dataset=csv)")
 
 
 def parse_multipliers(text: str, n: int) -> np.ndarray:

@@ -32,9 +32,7 @@ from ichflow.data.report import ValidationReport
 from ichflow.data.splits import split_patients
 from ichflow.engine.files import atomic_dir
 from ichflow.errors import DataError
-from ichflow.paths import prepared_dir
-from ichflow.prepare import Prepared
-from ichflow.tracking import frame_digest
+from ichflow.prepare import Prepared, prepared_folder
 
 PATIENT_COLUMNS = ("patient_id", "patient")
 SLICE_COLUMNS = ("slice_index", "slice")
@@ -142,10 +140,12 @@ def prepare_labels_csv(cfg) -> Prepared:
     """:func:`ichflow.prepare.prepare_data` for a labels CSV: manifest, report and patient split on disk."""
     manifest, report, _ = read_labels_csv(cfg.data_dir)
     test_f, val_f = cfg.test_fraction, cfg.val_fraction
-    split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
-                           n_folds=cfg.n_folds)
-    key = frame_digest(manifest) + frame_digest(split)
-    out_dir = prepared_dir() / f"csv-real-{key[:12]}"
+    try:
+        split = split_patients(manifest, (1.0 - val_f - test_f, val_f, test_f), seed=cfg.split_seed,
+                               n_folds=cfg.n_folds)
+    except ValueError as exc:  # too few patients for the requested splits
+        raise DataError(cfg.data_dir, f"{exc}; lower val_fraction/test_fraction or add patients") from None
+    out_dir = prepared_folder("csv", "real", manifest, split)
     if not (out_dir / "manifest.csv").exists():
         with atomic_dir(out_dir) as tmp:
             save_manifest(manifest, tmp / "manifest.csv")

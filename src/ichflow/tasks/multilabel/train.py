@@ -17,6 +17,8 @@ one (inner validation), at the cost of one more training.
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlflow
 import numpy as np
 import torch
@@ -25,12 +27,13 @@ from ichflow.engine.degenerate import score_reasons
 from ichflow.engine.device import amp_dtype
 from ichflow.engine.stats import finite
 from ichflow.errors import ParameterError, check_choice, check_range
+from ichflow.paths import default_data_dir
 from ichflow.prepare import DATASETS, prepare_data
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.common import run_folder
 from ichflow.tasks.multilabel import crossval as cv, metrics as mm, report
 from ichflow.tasks.multilabel.config import (FINAL_MODELS, POS_WEIGHTS, PRESETS, SAMPLERS, MultilabelConfig,
-                                             parse_classes, parse_multipliers)
+                                             parse_classes, parse_multipliers, validate_labels)
 from ichflow.tasks.multilabel.labels_csv import is_labels_csv, prepare_labels_csv
 from ichflow.tasks.recipe import TaskRecipe, TaskResult, run_task
 from ichflow.tasks.spec import TASKS
@@ -41,8 +44,16 @@ class MultilabelRecipe(TaskRecipe):
     presets = PRESETS
     datasets = DATASETS + ("csv",)    # csv: data_dir is a labels CSV (labels_csv.py)
 
+    def resolve(self, cfg: MultilabelConfig) -> MultilabelConfig:
+        # dataset=auto with no data folder at all: the subtype phantom (the PHE-like one has no subtype labels);
+        # with a data folder, auto means its layout decides, never the phantom
+        if cfg.dataset == "auto" and not (cfg.data_dir or default_data_dir()):
+            return dataclasses.replace(cfg, dataset=self.spec.synthetic_dataset)
+        return cfg
+
     def validate(self, cfg: MultilabelConfig) -> None:
         self.classes = parse_classes(cfg.classes)
+        validate_labels(self.classes, cfg.dataset)
         self.mult = parse_multipliers(cfg.pos_weight_multipliers, len(self.classes))
         for name, choices in (("pos_weight", POS_WEIGHTS), ("sampler", SAMPLERS), ("final_model", FINAL_MODELS),
                               ("threshold_goal", sc.THRESHOLD_GOALS)):

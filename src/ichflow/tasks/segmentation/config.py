@@ -8,10 +8,11 @@ import numpy as np
 
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.tasks.common import TrainConfig
-from ichflow.tasks.segmentation.data import PAD_MULTIPLE
+from ichflow.tasks.segmentation.data import PAD_MULTIPLE, TTA
 from ichflow.tasks.segmentation.engines import ENGINES
 from ichflow.tasks.segmentation.evaluate import THRESHOLDS
 from ichflow.tasks.segmentation.model import LOSSES, SCHEDULERS
+from ichflow.tasks.segmentation.postprocess import parse_min_voxels
 
 TARGETS = ("phe",)
 
@@ -36,6 +37,9 @@ class SegmentationConfig(TrainConfig):
     scheduler: str = "cosine"         # cosine (linear warm-up, then cosine) | onecycle | constant
     warmup_fraction: float = 0.05
     threshold: str = "auto"           # probability threshold: auto (best mean patient Dice on val) or a number
+    tta: str = "flip"                 # test-time augmentation of the selected model: flip (mean with the mirror) | none
+    min_component_voxels: str = "auto"  # drop predicted 3D components below this size: auto (chosen on val) | N | 0
+    n_folds: int = 1                  # 1: one model (train / val); K >= 2: K patient folds of train+val, an ensemble
     eval_batch_size: int = 4
     pixel_spacing_mm: float = 0.508   # in-plane pixel size for volumes (PHE-SICH-CT-IDS)
     slice_thickness_mm: float = 5.0
@@ -45,9 +49,12 @@ class SegmentationConfig(TrainConfig):
 
 # Named recipes: ``-P preset=phe`` sets every field still at its default.
 PRESETS = {
-    # The real PHE-SICH-CT-IDS data within a CPU time budget (reports/segmentation_phe.md);
-    # on a GPU raise epochs/steps_per_epoch (e.g. -P epochs=40 -P patience=10).
-    "phe": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 4, "patience": 3, "time_budget_min": 19.0},
+    # The real PHE-SICH-CT-IDS data on a 2-core CPU in about 35 min (reports/segmentation_phe.md): the selected
+    # checkpoint with flip TTA and the threshold + minimum component size chosen on val.
+    # On a GPU raise epochs/steps_per_epoch (e.g. -P epochs=40 -P patience=10), or add -P n_folds=5.
+    "phe": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 6, "patience": 3, "time_budget_min": 30.0},
+    # The same recipe stopped after 4 epochs (about 22 min on 2 cores).
+    "phe-quick": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 4, "patience": 3, "time_budget_min": 17.0},
 }
 
 
@@ -70,7 +77,7 @@ def validate(cfg: SegmentationConfig) -> None:
     """Reject bad parameters before anything is read or trained, naming the parameter."""
     check_choice("target", cfg.target, TARGETS)
     check_choice("engine", cfg.engine, ENGINES)
-    check_choice("in_channels", cfg.in_channels, (1, 3))
+    check_choice("in_channels", cfg.in_channels, (1, 3, 5))
     if cfg.patch_size < PAD_MULTIPLE or cfg.patch_size % PAD_MULTIPLE:
         raise ParameterError("patch_size", f"must be a positive multiple of {PAD_MULTIPLE}; got {cfg.patch_size}")
     check_range("fg_fraction", cfg.fg_fraction, 0.0, 1.0)
@@ -80,9 +87,15 @@ def validate(cfg: SegmentationConfig) -> None:
         check_range(name, getattr(cfg, name), 1)
     check_range("lr", cfg.lr, 0.0, low_open=True)
     check_range("time_budget_min", cfg.time_budget_min, 0.0)
+    check_range("pixel_spacing_mm", cfg.pixel_spacing_mm, 0.0, low_open=True)
+    check_range("slice_thickness_mm", cfg.slice_thickness_mm, 0.0, low_open=True)
+    check_range("detect_min_pixels", cfg.detect_min_pixels, 1)
     check_choice("scheduler", cfg.scheduler, SCHEDULERS)
     names = [n.strip().lower() for n in cfg.loss.split("+") if n.strip()]
     if not names or any(n not in LOSSES for n in names):
         raise ParameterError("loss", f"must be '+'-joined names from {', '.join(LOSSES)}; got {cfg.loss!r}")
     parse_threshold(cfg.threshold)
+    check_choice("tta", cfg.tta, TTA)
+    parse_min_voxels(cfg.min_component_voxels)
+    check_range("n_folds", cfg.n_folds, 1)
     ENGINES[cfg.engine].check(cfg)

@@ -10,14 +10,17 @@ Inference: whole slices, padded to a multiple of 32, 2.5D stacked within the sca
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ichflow.data.images import mask_foreground
 from ichflow.engine.augment import Normalizer, build_augment
 from ichflow.engine.device import autocast
 from ichflow.engine.scan import as_scan, neighbours
 from ichflow.engine.slices import stack_channels
+from ichflow.tasks.segmentation.postprocess import drop_small_components
 
 HEAD_LEVEL = 15      # 8-bit brain-window intensity above which a pixel counts as head (air is 0)
 PAD_MULTIPLE = 32    # encoders downsample 5x by 2
@@ -89,7 +92,7 @@ class PatchDataset(torch.utils.data.Dataset):
         mask = crop_padded(np.asarray(self.masks[row]), cy, cx, size)
         out = self.augment(image=image, mask=mask)
         x = torch.from_numpy(np.ascontiguousarray(self.normalizer(out["image"]).transpose(2, 0, 1)))
-        y = torch.from_numpy((out["mask"] > 127).astype(np.float32))[None]
+        y = torch.from_numpy(mask_foreground(out["mask"]).astype(np.float32))[None]
         return x, y
 
 
@@ -104,28 +107,70 @@ def crop_padded(arr: np.ndarray, cy: int, cx: int, size: int) -> np.ndarray:
     return out
 
 
+TTA = ("none", "flip")   # flip: the mean of the scan and its left-right mirror (heads are near-symmetric)
+
+
 @torch.inference_mode()
-def predict_scan(model: torch.nn.Module, slices: np.ndarray, normalizer: Normalizer, channels: int,
-                 device: torch.device, batch_size: int = 4, amp_dtype=None) -> tuple[np.ndarray, np.ndarray]:
+def predict_scan(model, slices: np.ndarray, normalizer: Normalizer, channels: int, device: torch.device,
+                 batch_size: int = 4, amp_dtype=None, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
     """(probabilities, logits) float32 (N, H, W) for the 8-bit slices of ONE scan in axial order
     (anything :func:`~ichflow.engine.scan.as_scan` accepts: uint8, or float 0..255, which is rounded).
 
-    The model must be in eval mode. Slices are padded (bottom/right, with 0) to a multiple of 32.
+    ``model``: a network in eval mode, or a list of them (an ensemble: the mean of their probabilities).
+    ``tta="flip"`` averages each member's probabilities over the scan and its left-right mirror. The logits
+    are those of the mean probability. Slices are padded (bottom/right, with 0) to a multiple of 32.
     """
+    members = list(model) if isinstance(model, (list, tuple)) else [model]
     slices = as_scan(slices)
     n, h, w = slices.shape
     ph, pw = -h % PAD_MULTIPLE, -w % PAD_MULTIPLE
     prev_idx, next_idx = neighbours(n)
-    logits = np.empty((n, h, w), np.float32)
+    flips = (False, True) if tta == "flip" else (False,)
+    probs = np.zeros((n, h, w), np.float32)
     for start in range(0, n, batch_size):
         rows = range(start, min(n, start + batch_size))
         batch = np.stack([stack_channels(slices, i, prev_idx, next_idx, channels) for i in rows])
         x = torch.from_numpy(normalizer(batch).transpose(0, 3, 1, 2))
-        if ph or pw:
-            x = torch.nn.functional.pad(x, (0, pw, 0, ph), value=float(normalizer(np.zeros(1))[0]))
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            out = model(x)
-        logits[start:start + len(rows)] = out.float()[:, 0, :h, :w].cpu().numpy()
-    probs = 1.0 / (1.0 + np.exp(-np.clip(logits, -50, 50)))
-    return probs.astype(np.float32), logits
+        total = torch.zeros((len(rows), h, w))
+        for flip in flips:
+            inp = x.flip(-1) if flip else x      # the mirrored scan, padded like any other
+            if ph or pw:
+                inp = torch.nn.functional.pad(inp, (0, pw, 0, ph), value=float(normalizer(np.zeros(1))[0]))
+            inp = inp.to(device).contiguous(memory_format=torch.channels_last)
+            for net in members:
+                with autocast(device, amp_dtype):
+                    out = net(inp).float()[:, 0, :h, :w]
+                total += torch.sigmoid(out.flip(-1) if flip else out).cpu()
+        probs[start:start + len(rows)] = (total / (len(members) * len(flips))).numpy()
+    return probs, probability_logits(probs)
+
+
+def probability_logits(probs: np.ndarray) -> np.ndarray:
+    """Logits of probabilities (clipped off 0 and 1), for losses that take logits."""
+    clipped = np.clip(probs, 1e-7, 1 - 1e-7)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+@dataclass
+class ScanPredictor:
+    """One scan in, edema probabilities out: the members (one network, or a fold ensemble), their input
+    (normalisation, 2.5D channels), test-time augmentation and post-processing at ``threshold``.
+
+    The training run's evaluation and the served model both predict through this, so they agree exactly.
+    """
+
+    models: list
+    normalizer: Normalizer
+    channels: int
+    device: torch.device
+    batch_size: int = 4
+    amp_dtype: torch.dtype | None = None
+    tta: str = "none"
+    threshold: float = 0.5
+    min_voxels: int = 0
+
+    def __call__(self, slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(probabilities after post-processing, logits of the raw mean probability), float32 (N, H, W)."""
+        probs, logits = predict_scan(self.models, slices, self.normalizer, self.channels, self.device,
+                                     self.batch_size, self.amp_dtype, self.tta)
+        return drop_small_components(probs, self.threshold, self.min_voxels), logits

@@ -1,13 +1,15 @@
 """Segmentation engines: the network family a run trains (``cfg.engine``), behind one small interface.
 
-An engine checks its own parameters, turns the config into a JSON-able model spec (stored with the pyfunc,
-tagged with the engine's name), rebuilds the network from that spec (one output channel: PHE logits at the
-input's resolution) and loads local pretrained weights. Patches, loss, training loop, evaluation and serving
-are shared, so another engine (e.g. an nnU-Net network) is one new class registered in :data:`ENGINES`.
+An engine checks its own parameters and turns the config into a JSON-able model spec (stored with the pyfunc,
+tagged with the engine's name). ``smp`` rebuilds its network from that spec (one output channel: PHE logits at
+the input's resolution), loads local pretrained weights and shares the task's patches, loss, training loop,
+evaluation and serving. ``nnunet`` brings nnU-Net v2's own planning, training loop and predictor
+(:mod:`ichflow.tasks.segmentation.nnunet`); evaluation, selection on val and the report are shared.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Protocol
 
 import torch
@@ -64,7 +66,33 @@ class Smp:
         return smp_model.load_encoder_weights(model, path)
 
 
-ENGINES: dict[str, Engine] = {"smp": Smp()}
+class NnUNet:
+    """nnU-Net v2's 2d configuration: its own planning, preprocessing, network, training loop and predictor
+    (:mod:`ichflow.tasks.segmentation.nnunet`). Architecture parameters (arch, encoder, patch size,
+    channels) are nnU-Net's plan; epochs, steps_per_epoch and time_budget_min set its schedule."""
+
+    name = "nnunet"
+
+    def check(self, cfg) -> None:
+        if cfg.n_folds != 1:
+            raise ParameterError("n_folds", "engine=nnunet trains one model on the train/val split; use n_folds=1")
+        if cfg.encoder_weights.lower() not in ("", "none"):
+            raise ParameterError("encoder_weights", "engine=nnunet trains its planned network from scratch; "
+                                                    "use encoder_weights=none")
+        if importlib.util.find_spec("nnunetv2") is None:
+            raise ParameterError("engine", "nnunet needs the nnunetv2 package (pip install nnunetv2)")
+
+    def spec(self, cfg) -> dict:
+        return {"engine": self.name, "configuration": "2d"}
+
+    def build(self, spec: dict) -> torch.nn.Module:
+        raise ValueError("nnU-Net's network is built from its plans (nnunet.engine.NnUNetNetwork), not a spec")
+
+    def load_weights(self, model: torch.nn.Module, path: str) -> int:
+        raise ValueError("engine=nnunet loads no pretrained weights")
+
+
+ENGINES: dict[str, Engine] = {"smp": Smp(), "nnunet": NnUNet()}
 
 
 def build_network(spec: dict) -> torch.nn.Module:

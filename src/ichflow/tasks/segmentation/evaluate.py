@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ichflow.engine.augment import Normalizer
-from ichflow.tasks.segmentation.data import predict_scan
-from ichflow.tasks.segmentation.metrics import SplitStats, accumulate
+from ichflow.data.images import mask_foreground
+from ichflow.tasks.segmentation.data import ScanPredictor
+from ichflow.tasks.segmentation.metrics import SplitStats, accumulate, surface_crop
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.1, 0.91, 0.1))
 
@@ -20,11 +20,13 @@ def collect(scans: Iterable, thresholds) -> SplitStats:
     """Counts of a split from its scans, each ``(patient_id, slice_index, slices, truth, probs, loss or None)``
     with (N,) slice numbers, (N, H, W) uint8 slices, bool truth and float probabilities in axial order.
 
-    Keeps one example per patient for the overlays: its slice with the most truth (else the most predicted).
+    Keeps one example per patient for the overlays: its slice with the most truth (else the most predicted),
+    and its truth / grid-level crops for the surface metrics (HD95, NSD) at whichever threshold is chosen.
     """
     thresholds = np.asarray(thresholds, float)
     patients, counts, s_truth, s_pred, s_patient, s_index, losses, weights = ([] for _ in range(8))
     examples: dict = {}
+    surfaces: dict = {}
     for p, (pid, index, slices, truth, probs, loss) in enumerate(scans):
         c, st, sp = accumulate(probs, truth, thresholds)
         patients.append(str(pid))
@@ -38,39 +40,41 @@ def collect(scans: Iterable, thresholds) -> SplitStats:
             weights.append(len(index))
         k = int(np.argmax(st)) if st.max() > 0 else int(np.argmax(sp[:, len(thresholds) // 2]))
         examples[str(pid)] = (slices[k].copy(), truth[k].copy(), probs[k].astype(np.float16), int(index[k]))
+        surfaces[str(pid)] = surface_crop(probs, truth, thresholds)
     return SplitStats(patients=patients, thresholds=thresholds, counts=np.stack(counts),
                       slice_truth=np.concatenate(s_truth), slice_pred=np.concatenate(s_pred),
                       slice_patient=np.concatenate(s_patient), slice_index=np.concatenate(s_index),
                       loss=float(np.average(losses, weights=weights)) if losses else float("nan"),
-                      examples=examples)
+                      examples=examples, surfaces=surfaces)
 
 
-def evaluate_split(model: torch.nn.Module, part: pd.DataFrame, images, masks, normalizer: Normalizer,
-                   channels: int, device: torch.device, loss_fn=None, thresholds=THRESHOLDS,
-                   batch_size: int = 4, amp_dtype=None, progress: bool = True, desc: str = "eval") -> SplitStats:
-    """Predict every slice of every patient of ``part`` (rows aligned with images/masks) and count.
-
-    Each patient's slices are predicted as one scan in axial order (the same code path as the pyfunc).
-    """
-    was_training = model.training
-    model.eval()
-
-    def scans():
+def predict_split(predictor: ScanPredictor, part: pd.DataFrame, images, masks, loss_fn=None,
+                  progress: bool = True, desc: str = "eval") -> Iterator[tuple]:
+    """Every patient of ``part`` (rows aligned with images/masks) as one scan in axial order, predicted by
+    ``predictor`` (the same code path as the pyfunc): the tuples :func:`collect` takes."""
+    members = [m for m in predictor.models]
+    was_training = [m.training for m in members]
+    for m in members:
+        m.eval()
+    try:
         for pid, group in tqdm(list(part.groupby("patient_id", sort=True)), desc=desc, leave=False,
                                disable=not progress, unit="patient"):
             rows = group.sort_values("slice_index").index.to_numpy()
             slices = np.asarray(images[rows])
-            truth = np.asarray(masks[rows]) > 127
-            probs, logits = predict_scan(model, slices, normalizer, channels, device, batch_size, amp_dtype)
+            truth = mask_foreground(masks[rows])
+            probs, logits = predictor(slices)
             loss = None
             if loss_fn is not None:
                 with torch.no_grad():
                     loss = float(loss_fn(torch.from_numpy(logits)[:, None],
                                          torch.from_numpy(truth.astype(np.float32))[:, None]))
             yield pid, group.loc[rows, "slice_index"].to_numpy(), slices, truth, probs, loss
-
-    try:
-        return collect(scans(), thresholds)
     finally:
-        if was_training:
-            model.train()
+        for m, training in zip(members, was_training):
+            m.train(training)
+
+
+def evaluate_split(predictor: ScanPredictor, part: pd.DataFrame, images, masks, loss_fn=None,
+                   thresholds=THRESHOLDS, progress: bool = True, desc: str = "eval") -> SplitStats:
+    """Predict every slice of every patient of ``part`` and count at every threshold of the grid."""
+    return collect(predict_split(predictor, part, images, masks, loss_fn, progress, desc), thresholds)

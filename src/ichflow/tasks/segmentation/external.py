@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ichflow.data.images import read_gray
+from ichflow.data.images import read_mask
 from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
 from ichflow.tasks.segmentation.evaluate import THRESHOLDS, collect
@@ -27,15 +27,15 @@ def _param(params: dict, key: str, default, cast=float):
 
 
 def _truth(group: pd.DataFrame, shape) -> np.ndarray:
-    """(N, H, W) bool masks of a scan, decoded like the training cache (>127); no mask file = empty."""
+    """(N, H, W) bool masks of a scan under the training cache's mask convention; no mask file = empty."""
     out = np.zeros((len(group), *shape), bool)
     for i, path in enumerate(group["mask_path"].fillna("").astype(str)):
         if path:
-            m = read_gray(path)
+            m = read_mask(path)
             if m.shape != tuple(shape):
                 raise DataError(path, f"mask size {m.shape[1]}x{m.shape[0]} differs from the image's "
                                       f"{shape[1]}x{shape[0]}")
-            out[i] = m > 127
+            out[i] = m
     return out
 
 

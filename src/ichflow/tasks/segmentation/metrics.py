@@ -18,11 +18,29 @@ Conventions (tested in tests/test_segmentation_metrics.py)
 * Slice-level detection derived from the masks: a slice is positive when it has >= ``min_pixels``
   foreground pixels (truth: >= 1). Precision is NaN without predicted positives, recall NaN without
   true positives, F1 = 2TP / (2TP + FP + FN) is NaN when neither side has a positive slice.
+* Surface metrics (MONAI ``monai.metrics``, euclidean, no sub-voxels) on each patient's 3D volume: the
+  slices stacked in axial order (gaps in the slice numbering are not filled), voxel spacing
+  (slice thickness, pixel spacing, pixel spacing) in mm. Edges are the mask voxels that a 3D cross
+  erosion removes; distances go from every edge voxel of one mask to the nearest edge voxel of the other.
+  HD95 (``hd95_mm``) = max of the two directed 95th percentiles (MONAI ``compute_hausdorff_distance``,
+  ``percentile=95``). NSD (``nsd``) = edge voxels of both masks within ``nsd_tolerance_mm`` of the
+  other mask's edge / all edge voxels of both (MONAI ``compute_surface_dice``). Default tolerance 2 mm
+  (about 4 in-plane pixels, under one 5 mm slice: it rewards in-plane outline agreement of the thin
+  edema rim); it is a parameter and recorded as ``nsd_tolerance_mm``.
+* Surface edge cases follow MONAI: both masks empty -> HD95 and NSD NaN; exactly one empty -> NSD 0
+  and HD95 NaN (undefined: MONAI's distances to an empty mask are infinite, and it returns NaN).
+  Means, medians and CIs are over patients with truth, like Dice; ``n_patients_hd95_undefined`` counts
+  the patients with truth whose HD95 is undefined (nothing predicted). Pooled NSD = edge voxels within
+  tolerance summed over all patients / all edge voxels (patients without truth included: their
+  false-positive edges count as misses). Pooled HD95 = max of the two directed 95th percentiles of all
+  patients' edge distances together, over the patients where both masks are non-empty (elsewhere the
+  distances are infinite). Computed for the split report only, not in the per-epoch validation.
 * NaN means "undefined": dropped from means and bootstrap CIs, not logged to MLflow, shown as "n/a".
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -110,6 +128,7 @@ class SplitStats:
     slice_index: np.ndarray        # (S,) slice number within the patient
     loss: float = NAN
     examples: dict = field(default_factory=dict)  # patient -> (image, truth, prob) of its largest-truth slice
+    surfaces: dict = field(default_factory=dict)  # patient -> (truth, grid level) crops of surface_crop()
 
     def threshold_index(self, threshold: float) -> int:
         hits = np.flatnonzero(np.isclose(self.thresholds, threshold))
@@ -131,7 +150,78 @@ def accumulate(probs: np.ndarray, truth: np.ndarray, thresholds) -> tuple[np.nda
     return counts, truth.reshape(len(truth), -1).sum(axis=1).astype(np.int64), slice_pred
 
 
-def per_patient_table(stats: SplitStats, t: int, pixel_mm: float, slice_mm: float) -> pd.DataFrame:
+def surface_crop(probs, truth, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """What the surface metrics need of one patient's (S, H, W) volume at every threshold of the grid:
+    (truth, level) cropped to the box of ``truth | probs >= min(thresholds)`` plus one voxel, where
+    level = how many grid thresholds the probability reaches (prediction at the k-th smallest threshold
+    = level >= k, compared as :func:`accumulate` compares). Surface distances do not depend on the crop."""
+    truth = np.asarray(truth, bool)
+    probs = np.asarray(probs)
+    grid = np.sort(np.asarray(thresholds, float))
+    region = truth | (probs >= grid[0])
+    box = []
+    for axis in range(region.ndim):
+        hit = np.flatnonzero(region.any(axis=tuple(a for a in range(region.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - 1, 0), int(hit[-1]) + 2) if len(hit) else slice(0, 0))
+    box = tuple(box)
+    crop = probs[box]
+    level = np.zeros(crop.shape, np.uint8)
+    for thr in grid:
+        level += crop >= thr
+    return truth[box].copy(), level
+
+
+def _level_rank(thresholds, threshold: float) -> int:
+    return int(np.sum(np.asarray(thresholds, float) <= threshold))
+
+
+def surface_distances(pred, truth, spacing) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """MONAI's edge-to-edge distances (mm) of two boolean volumes with voxel ``spacing``:
+    (pred edge -> nearest truth edge, truth edge -> nearest pred edge, pred edge voxels, truth edge voxels).
+    Both distance arrays are empty when either mask is empty (MONAI would give infinities)."""
+    import torch   # imported here: MONAI takes seconds to import, and only the surface metrics need it
+    from monai.metrics.utils import get_edge_surface_distance, get_mask_edges
+
+    pred_t, truth_t = torch.from_numpy(np.asarray(pred, bool)), torch.from_numpy(np.asarray(truth, bool))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # MONAI's own use of a deprecated argument
+        if pred_t.any() and truth_t.any():
+            (ep, eg), (d_pg, d_gp), _ = get_edge_surface_distance(pred_t, truth_t, spacing=list(spacing),
+                                                                  symmetric=True, warn_empty=False)
+            return np.asarray(d_pg, np.float64), np.asarray(d_gp, np.float64), int(ep.sum()), int(eg.sum())
+        ep, eg = get_mask_edges(pred_t, truth_t, crop=True)
+    return np.zeros(0), np.zeros(0), int(ep.sum()), int(eg.sum())
+
+
+def hd95(d_pred_truth, d_truth_pred) -> float:
+    """Symmetric 95th-percentile Hausdorff distance (MONAI's linear quantile); NaN when a side is empty."""
+    if len(d_pred_truth) == 0 or len(d_truth_pred) == 0:
+        return NAN
+    return float(max(np.quantile(d_pred_truth, 0.95), np.quantile(d_truth_pred, 0.95)))
+
+
+def nsd_counts(d_pred_truth, d_truth_pred, pred_edges: int, truth_edges: int, tolerance_mm: float) -> tuple[int, int]:
+    """(edge voxels within ``tolerance_mm`` of the other mask's edge, all edge voxels of both masks)."""
+    within = int(np.sum(np.asarray(d_pred_truth) <= tolerance_mm) + np.sum(np.asarray(d_truth_pred) <= tolerance_mm))
+    return within, int(pred_edges + truth_edges)
+
+
+def _surfaces_at(stats: SplitStats, t: int, pixel_mm: float, slice_mm: float) -> list:
+    """Per patient (in ``stats.patients`` order) :func:`surface_distances` at thresholds[t]; [] without crops."""
+    if not stats.surfaces:
+        return []
+    rank, spacing = _level_rank(stats.thresholds, stats.thresholds[t]), (slice_mm, pixel_mm, pixel_mm)
+    out = []
+    for pid in stats.patients:
+        truth, level = stats.surfaces[pid]
+        out.append(surface_distances(level >= rank, truth, spacing))
+    return out
+
+
+def per_patient_table(stats: SplitStats, t: int, pixel_mm: float, slice_mm: float, surfaces=(),
+                      nsd_tolerance_mm: float = 2.0) -> pd.DataFrame:
+    """One row per patient; ``hd95_mm``, ``nsd`` and their edge counts when ``surfaces`` (from
+    :func:`_surfaces_at`) are given."""
     rows = []
     for p, pid in enumerate(stats.patients):
         tp, fp, fn, tn = (int(v) for v in stats.counts[p, t])
@@ -139,7 +229,20 @@ def per_patient_table(stats: SplitStats, t: int, pixel_mm: float, slice_mm: floa
         rows.append({"patient_id": pid, "tp": tp, "fp": fp, "fn": fn, "tn": tn,
                      "has_truth": tp + fn > 0, **patient_metrics(tp, fp, fn, tn),
                      "truth_ml": truth_ml, "pred_ml": pred_ml, "volume_abs_err_ml": abs(pred_ml - truth_ml)})
+        if len(surfaces):
+            d_pg, d_gp, n_pred, n_truth = surfaces[p]
+            within, edges = nsd_counts(d_pg, d_gp, n_pred, n_truth, nsd_tolerance_mm)
+            rows[-1].update({"hd95_mm": hd95(d_pg, d_gp), "nsd": NAN if edges == 0 else within / edges,
+                             "surface_edges": edges, "surface_edges_within_tol": within})
     return pd.DataFrame(rows)
+
+
+def _pooled_surface(surfaces: list, table: pd.DataFrame) -> dict:
+    pairs = [(d_pg, d_gp) for d_pg, d_gp, _, _ in surfaces if len(d_pg) and len(d_gp)]
+    edges = int(table["surface_edges"].sum())
+    return {"nsd_pooled": NAN if edges == 0 else int(table["surface_edges_within_tol"].sum()) / edges,
+            "hd95_mm_pooled": hd95(np.concatenate([a for a, _ in pairs]), np.concatenate([b for _, b in pairs]))
+            if pairs else NAN}
 
 
 def _describe(values, name: str, seed: int = 0) -> dict:
@@ -152,16 +255,30 @@ def _describe(values, name: str, seed: int = 0) -> dict:
 
 
 def summarise(stats: SplitStats, threshold: float, pixel_mm: float = 0.508, slice_mm: float = 5.0,
-              min_pixels: int = 1) -> tuple[dict, pd.DataFrame]:
-    """(metrics without split prefix, per-patient table) at one threshold of the grid."""
+              min_pixels: int = 1, nsd_tolerance_mm: float = 2.0,
+              surface: bool = False) -> tuple[dict, pd.DataFrame]:
+    """(metrics without split prefix, per-patient table) at one threshold of the grid.
+
+    HD95 / NSD only with ``surface=True`` (the split report; the per-epoch validation skips them, as the
+    scattered false positives of an early-epoch model make them slow) and ``stats.surfaces`` (filled by
+    ``evaluate.collect``)."""
     t = stats.threshold_index(threshold)
-    table = per_patient_table(stats, t, pixel_mm, slice_mm)
+    surfaces = _surfaces_at(stats, t, pixel_mm, slice_mm) if surface else []
+    table = per_patient_table(stats, t, pixel_mm, slice_mm, surfaces, nsd_tolerance_mm)
     with_truth = table[table["has_truth"]]
     out: dict = {"threshold": float(threshold), "n_patients": len(table),
                  "n_patients_no_truth": int((~table["has_truth"]).sum()),
                  "n_patients_no_truth_with_fp": int(((~table["has_truth"]) & (table["fp"] > 0)).sum())}
     for name in ("dice", "iou", "sensitivity"):
         out.update(_describe(with_truth[name], name))
+    if surfaces:
+        out.update(_describe(with_truth["hd95_mm"], "hd95_mm"))
+        out.update(_describe(with_truth["nsd"], "nsd"))
+        out.update(_pooled_surface(surfaces, table))
+        out.update({"n_patients_hd95_undefined": int(with_truth["hd95_mm"].isna().sum()),
+                    "nsd_tolerance_mm": float(nsd_tolerance_mm),
+                    "surface_edges": int(table["surface_edges"].sum()),
+                    "surface_edges_within_tol": int(table["surface_edges_within_tol"].sum())})
     out.update(_describe(table["specificity"], "specificity"))
     out.update(_describe(table["volume_abs_err_ml"], "volume_abs_err_ml"))
     out["volume_truth_ml_mean"] = float(table["truth_ml"].mean()) if len(table) else NAN

@@ -35,8 +35,8 @@ def model_spec(arch: str, encoder: str, in_channels: int, decoder_channels) -> d
     key = str(arch).lower()
     if key not in ARCHS:
         raise ValueError(f"arch must be one of {sorted(ARCHS.values())}, got {arch!r}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3 (2.5D), got {in_channels}")
+    if in_channels not in (1, 3, 5):
+        raise ValueError(f"in_channels must be 1, 3 or 5 (2.5D), got {in_channels}")
     return {"arch": ARCHS[key], "encoder": encoder, "in_channels": int(in_channels),
             "decoder_channels": list(parse_channels(decoder_channels))}
 

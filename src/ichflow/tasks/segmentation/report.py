@@ -4,7 +4,9 @@
 metrics (``<prefix>_*``), ``eval/<prefix>_per_patient.csv``, ``eval/<prefix>_metrics.json``,
 ``eval/val_threshold_sweep.csv`` (mean patient Dice at every threshold of the grid: where the threshold was
 chosen; validation only, so no test-split sweep invites a choice on test),
-``figures/<prefix>_pixel_confusion.png`` and ``figures/<prefix>_overlays.png`` (best / median / worst patient).
+``eval/<prefix>_summary.md`` (the headline table: per-patient mean [95 % CI], median and pooled Dice, IoU,
+sensitivity, HD95 in mm and NSD at the tolerance), ``figures/<prefix>_pixel_confusion.png`` and
+``figures/<prefix>_overlays.png`` (best / median / worst patient).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from ichflow.tasks.segmentation.metrics import SplitStats, select_threshold, sum
 
 
 def log_split(prefix: str, stats: SplitStats, threshold: float, step: int, pixel_mm: float = 0.508,
-              slice_mm: float = 5.0, min_pixels: int = 1) -> dict:
+              slice_mm: float = 5.0, min_pixels: int = 1, nsd_tolerance_mm: float = 2.0) -> dict:
     """Summarise ``stats`` at ``threshold``, log the split's metrics, tables and figures; the metrics as
     ``<prefix>_<name>`` (NaN = undefined: returned, not logged to MLflow, null in the JSON)."""
-    metrics, table = summarise(stats, threshold, pixel_mm, slice_mm, min_pixels)
+    metrics, table = summarise(stats, threshold, pixel_mm, slice_mm, min_pixels, nsd_tolerance_mm, surface=True)
     mlflow.log_metrics(finite({f"{prefix}_{k}": v for k, v in metrics.items()}), step=step)
     mlflow.log_text(table.to_csv(index=False), eval_artifact(prefix, "per_patient"))
     mlflow.log_dict({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()},
@@ -31,12 +33,40 @@ def log_split(prefix: str, stats: SplitStats, threshold: float, step: int, pixel
     if prefix == "val":
         sweep = pd.DataFrame({"threshold": stats.thresholds, "mean_patient_dice": select_threshold(stats)[1]})
         mlflow.log_text(sweep.to_csv(index=False), eval_artifact(prefix, "threshold_sweep"))
+    mlflow.log_text(summary_markdown(metrics, prefix), eval_artifact(prefix, "summary", "md"))
     _log_figure(pixel_confusion_figure(metrics, f"{prefix}: pixel confusion at p>={threshold:g}"),
                 figure_artifact(prefix, "pixel_confusion"))
     _log_figure(overlay_figure(stats, table, threshold,
                                f"{prefix}: best / median / worst patient (largest-edema slice)"),
                 figure_artifact(prefix, "overlays"))
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def _fmt(v, digits: int) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def summary_markdown(metrics: dict, prefix: str) -> str:
+    """The split's headline metrics as a Markdown table (per-patient over patients with truth; pooled)."""
+    tol = metrics.get("nsd_tolerance_mm")
+    rows = [("Dice", "dice", 3), ("IoU", "iou", 3), ("Sensitivity", "sensitivity", 3),
+            ("HD95 (mm)", "hd95_mm", 1), (f"NSD @ {_fmt(tol, 1)} mm", "nsd", 3)]
+    lines = [f"{prefix}: {metrics['n_patients']} patients ({metrics['n_patients_no_truth']} without edema, "
+             f"left out of the per-patient columns), threshold {metrics['threshold']:g}", "",
+             "| metric | mean [95 % CI] | median | pooled |", "|---|---|---|---|"]
+    for label, key, d in rows:
+        if key not in metrics and f"{key}_pooled" not in metrics:
+            continue
+        mean = (f"{_fmt(metrics.get(key), d)} [{_fmt(metrics.get(f'{key}_ci_low'), d)}, "
+                f"{_fmt(metrics.get(f'{key}_ci_high'), d)}]") if key in metrics else "n/a"
+        lines.append(f"| {label} | {mean} | {_fmt(metrics.get(f'{key}_median'), d)} | "
+                     f"{_fmt(metrics.get(f'{key}_pooled'), d)} |")
+    if "n_patients_hd95_undefined" in metrics:
+        lines += ["", f"HD95 undefined (nothing predicted) for {metrics['n_patients_hd95_undefined']} patient(s) "
+                      "with edema, left out of its mean and median. Pooled HD95: the 95th percentiles of "
+                      "all patients' edge distances together (patients with both masks non-empty); pooled "
+                      "NSD: edge voxels within tolerance / all edge voxels, every patient."]
+    return "\n".join(lines) + "\n"
 
 
 def _log_figure(fig, artifact: str) -> None:
