@@ -126,7 +126,8 @@ def shared_store(models_store_uri, request):
 
 # The smallest schedules that still log, register and serve a model of each task (not meant to be good).
 TINY = {
-    "segmentation": dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4),
+    "segmentation": dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4,
+                         tta="none"),
     "classification": dict(image_size=64, epochs=1, batch_size=8, num_workers=0, n_boot=50, gradcam_per_group=0),
     "detection": dict(imgsz=64, epochs=1, batch_size=8, mosaic=0.0, overlays=0),   # YOLO, as the main job
     "detection-fasterrcnn": dict(engine="fasterrcnn", model="mobilenet", imgsz=64, epochs=1, batch_size=8,

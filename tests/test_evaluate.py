@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 NOT_REPRODUCED = {"loss"}
 
 
-SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4)
+SEG_TINY = dict(epochs=1, steps_per_epoch=2, batch_size=4, patch_size=64, num_workers=0, eval_batch_size=4, tta="none")
 
 
 @pytest.fixture(scope="module")
