@@ -184,7 +184,7 @@ def test_mlflow_run_cli_segmentation(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'cli.db'}"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    params = ["epochs=1", "steps_per_epoch=2", "batch_size=2", "patch_size=64", "register=false"]
+    params = ["epochs=1", "steps_per_epoch=2", "batch_size=2", "patch_size=64", "tta=none", "register=false"]
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "segmentation", "--env-manager", "local"]
     for p in params:
         cmd += ["-P", p]
