@@ -34,10 +34,19 @@ def _stamp(path: str) -> str:
 def _decode(path: str, size: int | None, is_mask: bool) -> np.ndarray:
     # masks are cached as 0/255 under the one mask convention (ichflow.data.images.read_mask)
     arr = np.where(read_mask(path), 255, 0).astype(np.uint8) if is_mask else read_gray(path)
-    if size and arr.shape != (size, size):
-        resample = Image.NEAREST if is_mask else Image.BILINEAR
-        arr = np.asarray(Image.fromarray(arr).resize((size, size), resample))
-    return arr
+    return resize_square(arr, size, nearest=is_mask) if size else arr
+
+
+def resize_square(arr: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8 -> (size, size[, C]), each channel resized as the slice cache resizes a slice
+    (PIL bilinear; nearest for masks). Models that resize at inference use this, so a served model sees the
+    pixels its training run saw."""
+    if arr.shape[:2] == (size, size):
+        return arr
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    if arr.ndim == 2:
+        return np.asarray(Image.fromarray(arr).resize((size, size), resample))
+    return np.stack([resize_square(arr[..., c], size, nearest) for c in range(arr.shape[-1])], axis=-1)
 
 
 def slice_cache(paths: list[str], size: int | None = None, is_mask: bool = False) -> np.ndarray:

@@ -1,7 +1,8 @@
 """What the slice-level classification tasks share (binary bleed/no-bleed and multi-label subtypes).
 
 - :func:`build_model`: a timm CNN with ``in_chans`` (1 = the slice, 3 = 2.5D) and ``num_classes`` logits,
-  from scratch or from a LOCAL weights file (nothing is downloaded).
+  from scratch, from ImageNet weights shipped in a package (``pretrained=efficientnet_lite0_imagenet``, see
+  :mod:`~ichflow.engine.pretrained`) or from a LOCAL weights file (nothing is downloaded).
 - :class:`SliceData` / :class:`SliceDataset`: the decoded slice cache of a whole manifest (resized once to
   ``image_size``), 2.5D neighbour stacking, normalisation, albumentations augmentation (flip, affine,
   brightness/contrast, random resized crop) from the engine, scaled by ``aug_strength``.
@@ -31,6 +32,7 @@ from PIL import Image
 
 from ichflow.engine.augment import Normalizer, build_augment
 from ichflow.engine.device import autocast
+from ichflow.engine.pretrained import PACKAGED, packaged_source_file, packaged_weights_file
 from ichflow.engine.scan import as_scan, neighbours
 from ichflow.engine.schedule import warmup_cosine
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
@@ -45,7 +47,8 @@ _NO_WEIGHTS = ("", "false", "none", "0", "no", "off", "scratch")
 
 # --------------------------------------------------------------------------------------------- models
 def check_model(name: str, in_chans: int, pretrained: str = "") -> None:
-    """ParameterError for a model name timm does not know, in_channels other than 1 / 3, or a download request."""
+    """ParameterError for a model name timm does not know, in_channels other than 1 / 3, a download request, or
+    packaged weights of another architecture (or whose package is missing)."""
     import timm
 
     if in_chans not in (1, 3):
@@ -53,14 +56,21 @@ def check_model(name: str, in_chans: int, pretrained: str = "") -> None:
     if not timm.is_model(name):
         raise ParameterError("model", f"{name!r} is not a timm model name (e.g. resnet18, resnet34, "
                                       "efficientnet_b0; see timm.list_models())")
-    if str(pretrained or "").strip().lower() in ("true", "1", "yes", "imagenet", "on"):
-        raise ParameterError("pretrained", "nothing is downloaded here; give the path of a local weights file "
-                                           "(.pth/.pt/.safetensors state dict of the same timm architecture) "
-                                           "or leave it empty")
+    spec = str(pretrained or "").strip()
+    if spec.lower() in ("true", "1", "yes", "imagenet", "on"):
+        packaged = ", ".join(f"{n} (with model={w.timm_model})" for n, w in PACKAGED.items())
+        raise ParameterError("pretrained", f"nothing is downloaded here; give packaged weights: {packaged}, "
+                                           "the path of a local weights file (.pth/.pt/.safetensors state dict "
+                                           "of the same timm architecture) or leave it empty")
+    if spec in PACKAGED:
+        if name != PACKAGED[spec].timm_model:
+            raise ParameterError("pretrained", f"{spec} needs model={PACKAGED[spec].timm_model}; got model={name}")
+        packaged_source_file(spec)
 
 
 def build_model(name: str, in_chans: int, num_classes: int, pretrained: str = "") -> torch.nn.Module:
-    """A timm classifier. ``pretrained``: '' (from scratch) or the path of a local weights file.
+    """A timm classifier. ``pretrained``: '' (from scratch), the name of packaged weights
+    (:data:`~ichflow.engine.pretrained.PACKAGED_NAMES`) or the path of a local weights file.
 
     A local file may come from any timm model of the same architecture (e.g. ImageNet weights saved
     elsewhere): the first conv is adapted to ``in_chans`` and a classifier of another size is dropped.
@@ -71,7 +81,7 @@ def build_model(name: str, in_chans: int, num_classes: int, pretrained: str = ""
     spec = str(pretrained or "").strip()
     if spec.lower() in _NO_WEIGHTS:
         return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-    path = Path(spec).expanduser()
+    path = packaged_weights_file(spec) if spec in PACKAGED else Path(spec).expanduser()
     if not path.is_file():
         raise DataError(path, "pretrained weights file not found")
     try:

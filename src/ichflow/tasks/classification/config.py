@@ -27,7 +27,9 @@ class ClassificationConfig(TrainConfig):
     """Binary bleed / no-bleed slice classifier (timm CNN)."""
 
     model: str = "resnet18"         # any timm model: resnet18, resnet34, efficientnet_b0, ...
-    pretrained: str = ""            # '' = from scratch; or the path of a local weights file (no downloads)
+    pretrained: str = ""            # '' = from scratch; a local weights file (nothing is downloaded);
+                                    # or efficientnet_lite0_imagenet: ImageNet weights shipped in a package,
+                                    # with model=tf_efficientnet_lite0
     image_size: int = 160           # slices are resized to image_size x image_size
     batch_size: int = 8
     epochs: int = 20

@@ -15,25 +15,56 @@ import pandas as pd
 import torch
 
 from ichflow.engine.budget import TimeBudget
-from ichflow.engine.slices import stack_channels
+from ichflow.engine.slices import resize_square, stack_channels
 from ichflow.errors import check_choice
 from ichflow.paths import CHECKPOINT
 from ichflow.tasks.detection.base import BOX_CONF, EngineFit
 from ichflow.tracking import log_params_once
 
 ARCHS = ("mobilenet", "resnet50")
+COCO_ANCHORS = (32, 64, 128, 256, 512)   # torchvision's sizes: what models saved before anchor_sizes rebuild with
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
 
 
-def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 50) -> torch.nn.Module:
-    from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn, fasterrcnn_resnet50_fpn
+def anchor_sizes(boxes: list[np.ndarray]) -> tuple[int, ...]:
+    """Five anchor sizes (px at the training size) spanning the training boxes' sides: sqrt(w*h) from a little
+    below the 5th to a little above the 95th percentile, spaced geometrically.
 
-    kw = dict(weights=None, weights_backbone=None, num_classes=2, min_size=imgsz, max_size=imgsz,
-              image_mean=[mean] * 3, image_std=[std] * 3, box_detections_per_img=max_det, box_score_thresh=0.001)
-    if arch == "mobilenet":
-        return fasterrcnn_mobilenet_v3_large_fpn(**kw)
-    if arch == "resnet50":
-        return fasterrcnn_resnet50_fpn(**kw)
-    raise ValueError(f"engine=fasterrcnn: model must be one of {ARCHS}, got {arch!r}")
+    torchvision's COCO sizes start at 32 px: at imgsz 64-192 most lesions are smaller than the smallest anchor,
+    the RPN then finds no positive anchors and a model trained from scratch learns nothing.
+    """
+    b = np.concatenate([np.asarray(x, np.float64).reshape(-1, 4) for x in boxes]) if boxes else np.zeros((0, 4))
+    sides = np.sqrt(np.clip(b[:, 2] - b[:, 0], 1, None) * np.clip(b[:, 3] - b[:, 1], 1, None))
+    if len(sides) == 0:
+        return COCO_ANCHORS
+    low, high = np.percentile(sides, [5, 95])
+    sizes = np.geomspace(max(4.0, 0.75 * low), max(8.0, 1.25 * high), len(COCO_ANCHORS))
+    return tuple(int(round(v)) for v in sizes)
+
+
+def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 50,
+                anchors: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """Faster R-CNN + FPN from scratch (BatchNorm trained, every layer trainable) with ``anchors`` px anchors."""
+    from torch import nn
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+
+    anchors = tuple(int(a) for a in (anchors or COCO_ANCHORS))
+    kw = dict(min_size=imgsz, max_size=imgsz, image_mean=[mean] * 3, image_std=[std] * 3,
+              box_detections_per_img=max_det, box_score_thresh=0.001)
+    if arch == "mobilenet":   # as fasterrcnn_mobilenet_v3_large_fpn: all sizes on each of its 3 feature maps
+        backbone = mobilenet_backbone(backbone_name="mobilenet_v3_large", weights=None, fpn=True,
+                                      norm_layer=nn.BatchNorm2d, trainable_layers=6)
+        generator = AnchorGenerator((anchors,) * 3, (ASPECT_RATIOS,) * 3)
+        kw["rpn_score_thresh"] = 0.05
+    elif arch == "resnet50":  # as fasterrcnn_resnet50_fpn: one size per pyramid level
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=nn.BatchNorm2d,
+                                       trainable_layers=5)
+        generator = AnchorGenerator(tuple((a,) for a in anchors), (ASPECT_RATIOS,) * len(anchors))
+    else:
+        raise ValueError(f"engine=fasterrcnn: model must be one of {ARCHS}, got {arch!r}")
+    return FasterRCNN(backbone, num_classes=2, rpn_anchor_generator=generator, **kw)
 
 
 class SliceBoxes(torch.utils.data.Dataset):
@@ -97,14 +128,13 @@ class FasterRCNNPredictor:
     @classmethod
     def from_files(cls, weights: str | Path, config: dict, device="cpu") -> "FasterRCNNPredictor":
         model = build_model(config["arch"], config["imgsz"], config["image_mean"], config["image_std"],
-                            config.get("max_det", 50))
+                            config.get("max_det", 50), config.get("anchor_sizes"))
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return cls(model, config["imgsz"], device)
 
     @torch.inference_mode()
     def __call__(self, images, conf: float = 0.001, batch: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
-        import cv2
-
+        """Callers pass one scan at a time (training and serving alike): the same batches give the same bits."""
         self.model.eval()
         out = []
         for start in range(0, len(images), batch):
@@ -116,8 +146,7 @@ class FasterRCNNPredictor:
                 if im.shape[-1] == 1:
                     im = np.repeat(im, 3, axis=-1)
                 h, w = im.shape[:2]
-                if (h, w) != (self.imgsz, self.imgsz):
-                    im = cv2.resize(im, (self.imgsz, self.imgsz), interpolation=cv2.INTER_LINEAR)
+                im = resize_square(im, self.imgsz)
                 tensors.append(torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).float().div_(255.0)
                                .to(self.device))
                 scales.append(np.array([w / self.imgsz, h / self.imgsz] * 2, np.float32))
@@ -143,17 +172,27 @@ def _val_scorer(predictor: "FasterRCNNPredictor", images, val: pd.DataFrame, cfg
     from ichflow.tasks.detection.yolo import fitness
 
     truths = truths_from_index(val)
-    inputs = [images.stack(int(r), cfg.in_channels) for r in val["row"]]
-    scale = _scale_back(val, cfg.imgsz)
 
     def evaluate(_model) -> dict:
-        outs = [(b * scale[i], s) for i, (b, s) in enumerate(predictor(inputs, conf=BOX_CONF))]
-        m = box_metrics(predictions_frame(outs), truths)
+        m = box_metrics(predictions_frame(predict_by_scan(predictor, images, val, cfg)), truths)
         out = {"val_precision": m["precision"], "val_recall": m["recall"], "val_map50": m["map50"],
                "val_map50_95": m["map50_95"]}
         return {**out, "val_fitness": fitness(out)}
 
     return evaluate
+
+
+def predict_by_scan(predictor: "FasterRCNNPredictor", images: "_SliceImages", part: pd.DataFrame, cfg) -> list:
+    """Boxes per row of ``part`` in its slices' own pixels, predicted scan by scan in axial order as the served
+    model predicts (same batches, same bits)."""
+    scale = _scale_back(part, cfg.imgsz)
+    outputs: list = [None] * len(part)
+    for _, scan in part.reset_index(drop=True).groupby("patient_id", sort=True):
+        scan = scan.sort_values("slice_index", kind="stable")
+        imgs = [images.stack(int(r), cfg.in_channels) for r in scan["row"]]
+        for pos, (b, s) in zip(scan.index, predictor(imgs, conf=BOX_CONF)):
+            outputs[pos] = (b * scale[pos], s)
+    return outputs
 
 
 def _scale_back(part: pd.DataFrame, imgsz: int) -> np.ndarray:
@@ -205,8 +244,11 @@ class FasterRCNNEngine:
         norm = Normalizer.fit(self.images.images[train["row"].to_numpy()], seed=cfg.seed)
         mean, std = norm.mean / 255.0, norm.std / 255.0
         log_params_once(norm.as_params())
-        model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det).to(device)
-        train_ds = SliceBoxes(self.images, train["row"].to_numpy(), scaled_boxes(train, cfg.imgsz), cfg.in_channels,
+        train_boxes = scaled_boxes(train, cfg.imgsz)
+        anchors = anchor_sizes(train_boxes)
+        log_params_once({"anchor_sizes": ",".join(map(str, anchors))})
+        model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det, anchors).to(device)
+        train_ds = SliceBoxes(self.images, train["row"].to_numpy(), train_boxes, cfg.in_channels,
                               augment=box_augment(cfg.aug_strength) if cfg.aug_strength > 0 else None)
         loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers, seed=cfg.seed,
                              drop_last=len(train_ds) > cfg.batch_size)
@@ -222,13 +264,12 @@ class FasterRCNNEngine:
                           cfg.epochs, monitor="val_fitness", mode="max", patience=cfg.patience,
                           checkpoint=folder / CHECKPOINT, on_epoch_end=on_epoch_end, budget=budget)
         config = {"engine": self.name, "arch": cfg.model, "imgsz": cfg.imgsz, "image_mean": mean, "image_std": std,
-                  "in_channels": cfg.in_channels, "max_det": cfg.max_det, **norm.as_params()}
+                  "in_channels": cfg.in_channels, "max_det": cfg.max_det, "anchor_sizes": list(anchors),
+                  **norm.as_params()}
         return EngineFit(**vars(fit), model_config=config)
 
     def predict(self, part: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
-        imgs = [self.images.stack(int(r), self.cfg.in_channels) for r in part["row"]]
-        scale = _scale_back(part, self.cfg.imgsz)
-        return [(b * scale[i], s) for i, (b, s) in enumerate(self.predictor(imgs, conf=BOX_CONF))]
+        return predict_by_scan(self.predictor, self.images, part, self.cfg)
 
     @staticmethod
     def load_predictor(weights, config: dict, device) -> "FasterRCNNPredictor":

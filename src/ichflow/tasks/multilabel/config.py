@@ -33,7 +33,9 @@ class MultilabelConfig(TrainConfig):
     synthetic_slices: int = 8
     classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
     model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
-    pretrained: str = ""              # '' = from scratch; or the path of a local weights file
+    pretrained: str = ""              # '' = from scratch; a local weights file (nothing is downloaded);
+                                      # or efficientnet_lite0_imagenet: ImageNet weights shipped in a package,
+                                      # with model=tf_efficientnet_lite0
     image_size: int = 128
     batch_size: int = 8
     epochs: int = 18
