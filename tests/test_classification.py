@@ -14,6 +14,7 @@ import torch
 from ichflow.errors import DataError, ParameterError
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.classification import ClassificationConfig, train_classification
+from ichflow.tasks.classification.train import ClassificationRecipe
 from ichflow.tasks.classification.figures import pick_examples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +154,48 @@ TINY = ClassificationConfig(image_size=64, epochs=2, patience=2, batch_size=8, n
                             num_workers=0)
 
 
+def test_scan_context_averages_neighbours_within_a_scan_only():
+    scores = np.array([0.0, 0.0, 0.9, 0.0, 0.0, 0.6, 0.6, 0.6])
+    np.testing.assert_allclose(sc.smooth_along_scan(scores, "none"), scores)
+    mean3 = sc.smooth_along_scan(scores, "mean3")
+    np.testing.assert_allclose(mean3[[1, 2, 3]], [0.3, 0.3, 0.3])           # a lone spike is flattened
+    assert mean3[-1] == pytest.approx(0.6) and mean3[6] == pytest.approx(0.6)   # a run keeps its level, end replicated
+    two_classes = sc.smooth_along_scan(np.stack([scores, 1 - scores], 1), "tri5")
+    np.testing.assert_allclose(two_classes[:, 0], sc.smooth_along_scan(scores, "tri5"))
+    # the frame version smooths each patient's scan in axial order, never across patients
+    frame = pd.DataFrame({"patient_id": ["a"] * 3 + ["b"] * 3, "slice_index": [2, 0, 1, 0, 1, 2],
+                          "y": [0, 0, 0, 1, 1, 1], "score": [0.9, 0.0, 0.0, 1.0, 1.0, 1.0]})
+    out = sc.smooth_frame(frame, "mean3")
+    assert out["score"].tolist() == pytest.approx([0.6, 0.0, 0.3, 1.0, 1.0, 1.0])
+
+
+def test_auto_scan_context_is_chosen_on_validation_scores():
+    rng = np.random.default_rng(0)
+    rows = []
+    for pid in range(12):   # a lesion run of 5 slices in each scan; lone noisy spikes on negative slices
+        y = np.zeros(20, int)
+        y[8:13] = 1
+        score = 0.55 * y + rng.random(20) * 0.6
+        rows.append(pd.DataFrame({"patient_id": str(pid), "slice_index": np.arange(20), "y": y, "score": score}))
+    frame = pd.concat(rows, ignore_index=True)
+    chosen, pr_auc = sc.choose_scan_context(frame, "auto")
+    assert set(pr_auc) == set(sc.SCAN_CONTEXT) and chosen != "none"
+    assert pr_auc[chosen] == max(pr_auc.values()) > pr_auc["none"]
+    assert sc.choose_scan_context(frame, "none")[0] == "none"
+    with pytest.raises(ParameterError, match="scan_context"):
+        ClassificationRecipe().validate(dataclasses.replace(TINY, scan_context="lstm"))
+
+
+def test_pyfunc_applies_the_models_scan_context():
+    cfg = {"model": "resnet18", "in_channels": 3, "image_size": 64, "classes": ["has_lesion"],
+           "thresholds": [0.5], "norm_mean": 90.0, "norm_std": 60.0}
+    model = sc.build_model("resnet18", 3, 1)
+    scan = (np.random.default_rng(0).random((6, 64, 64)) * 255).astype(np.uint8)
+    raw = sc.predict_scan(model, cfg, scan)["has_lesion_probability"].to_numpy()
+    smoothed = sc.predict_scan(model, {**cfg, "scan_context": "mean3"}, scan)["has_lesion_probability"]
+    np.testing.assert_allclose(smoothed, sc.smooth_along_scan(raw, "mean3"), rtol=1e-6)
+
+
 @pytest.mark.slow
 def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic_phe):
     result = train_classification(TINY)
@@ -188,6 +231,8 @@ def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic
     assert list(out.columns) == ["has_lesion_probability", "has_lesion"] and len(out) == 4
     thr = m["threshold"]
     assert ((out["has_lesion_probability"] >= thr).astype(int) == out["has_lesion"]).all()
+    assert run.data.params["scan_context_used"] in sc.SCAN_CONTEXT
+    assert any(k.startswith("val_pr_auc_scan_context_") for k in m)
 
 
 @pytest.mark.slow

@@ -259,6 +259,47 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, amp=None
     return out, total / max(count, 1)
 
 
+# ------------------------------------------------------------------------------------------ scan context
+# Per-slice scores averaged over their axial neighbours within one scan: a bleed spans consecutive slices, a
+# lone high score between negative neighbours rarely is one (the 2D-CNN-then-sequence idea of the RSNA 2019
+# winners, with a fixed kernel instead of a learned sequence model so it cannot overfit a small val split).
+SCAN_CONTEXT = {"none": (1.0,), "mean3": (1.0, 1.0, 1.0), "tri5": (1.0, 2.0, 3.0, 2.0, 1.0),
+                "mean5": (1.0, 1.0, 1.0, 1.0, 1.0)}
+SCAN_CONTEXT_CHOICES = ("auto", *SCAN_CONTEXT)
+
+
+def smooth_along_scan(scores: np.ndarray, context: str) -> np.ndarray:
+    """Scores (N,) or (N, K) of ONE scan in axial order, averaged with the ``context`` kernel (ends replicated)."""
+    kernel = np.asarray(SCAN_CONTEXT[context], dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(kernel) == 1 or len(scores) == 0:
+        return scores
+    r = len(kernel) // 2
+    padded = np.pad(scores, [(r, r)] + [(0, 0)] * (scores.ndim - 1), mode="edge")
+    return sum(w * padded[i:i + len(scores)] for i, w in enumerate(kernel / kernel.sum()))
+
+
+def smooth_frame(frame: pd.DataFrame, context: str, column: str = "score") -> pd.DataFrame:
+    """``frame`` (patient_id, slice_index, ``column``; whole scans) with ``column`` smoothed scan by scan."""
+    out = frame.copy()
+    for _, scan in frame.groupby("patient_id", sort=False):
+        order = scan.sort_values("slice_index", kind="stable").index
+        out.loc[order, column] = smooth_along_scan(frame.loc[order, column].to_numpy(), context)
+    return out
+
+
+def choose_scan_context(frame: pd.DataFrame, requested: str) -> tuple[str, dict]:
+    """(context, val PR-AUC of each candidate): ``requested``, or for ``auto`` the kernel with the best PR-AUC
+    on the validation ``frame`` (ties: the narrower kernel, listed first)."""
+    from sklearn.metrics import average_precision_score
+
+    candidates = tuple(SCAN_CONTEXT) if requested == "auto" else (requested,)
+    if frame["y"].nunique() < 2:
+        return candidates[0], {}
+    scores = {c: float(average_precision_score(frame["y"], smooth_frame(frame, c)["score"])) for c in candidates}
+    return max(candidates, key=lambda c: (scores[c], -candidates.index(c))), scores
+
+
 # ------------------------------------------------------------------------------------ thresholds, metrics
 def select_threshold(y_true, scores, goal: str = "f1", target_recall: float = 0.95) -> tuple[float, dict]:
     """Decision threshold (predict positive when score >= threshold) chosen on validation scores.
@@ -397,8 +438,8 @@ class SliceClassifierModel(_PythonModel):
     normalises with the training statistics.
 
     Output: a DataFrame with one row per input slice, for each class ``c`` of the model
-    ``c_probability`` (sigmoid, 0..1) and ``c`` (0/1 = probability >= the class threshold chosen on the
-    validation split). The binary bleed classifier has the single class ``has_lesion``; the subtype model
+    ``c_probability`` (sigmoid, 0..1, averaged over axial neighbours when the model's ``scan_context`` says so:
+    pass whole scans) and ``c`` (0/1 = probability >= the class threshold chosen on the validation split). The binary bleed classifier has the single class ``has_lesion``; the subtype model
     has one column pair per subtype (IVH, IPH, SAH, ...).
     """
 
@@ -425,7 +466,7 @@ def predict_scan(model: torch.nn.Module, cfg: dict, slices: np.ndarray) -> pd.Da
     with torch.no_grad():
         for start in range(0, len(x), 32):
             probs.append(torch.sigmoid(model(x[start:start + 32]).float()).numpy())
-    p = np.concatenate(probs)
+    p = smooth_along_scan(np.concatenate(probs), cfg.get("scan_context", "none"))
     out = {}
     for j, name in enumerate(cfg["classes"]):
         out[f"{name}_probability"] = p[:, j].astype(np.float64)

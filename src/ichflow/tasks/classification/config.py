@@ -37,6 +37,8 @@ class ClassificationConfig(TrainConfig):
     lr: float = 3e-3
     imbalance: str = "weighted_loss"  # weighted_loss (BCE pos_weight = neg/pos) | sampler (50/50) | none
     pos_weight: float = 0.0         # > 0: this BCE pos_weight for the bleed class (tuning); 0 = per imbalance
+    scan_context: str = "auto"      # per-slice scores averaged over axial neighbours: none | mean3 | tri5 | mean5;
+                                    # auto = the kernel with the best val PR-AUC (the model carries it)
     threshold_goal: str = "f1"      # f1 = maximise F1 on val | recall = best precision with recall >= target
     target_recall: float = 0.95
     steps_per_epoch: int = 0        # 0 = one pass over the training slices per epoch

@@ -38,6 +38,7 @@ class ClassificationRecipe(TaskRecipe):
     def validate(self, cfg: ClassificationConfig) -> None:
         check_choice("imbalance", cfg.imbalance, sc.IMBALANCE)
         check_choice("threshold_goal", cfg.threshold_goal, sc.THRESHOLD_GOALS)
+        check_choice("scan_context", cfg.scan_context, sc.SCAN_CONTEXT_CHOICES)
         check_range("pos_weight", cfg.pos_weight, 0)
         check_range("target_recall", cfg.target_recall, 0, 1, low_open=True)
         check_range("image_size", cfg.image_size, 32)
@@ -81,16 +82,23 @@ class ClassificationRecipe(TaskRecipe):
                             train_loader, evaluate, on_epoch_end)
 
     def select(self, cfg: ClassificationConfig, fit) -> dict:
-        self.frames = {"val": self.predictions("val")}
+        self.scan_context = "none"
+        raw = self.predictions("val")
+        self.scan_context, candidates = sc.choose_scan_context(raw, cfg.scan_context)
+        mlflow.log_metrics({f"val_pr_auc_scan_context_{c}": v for c, v in candidates.items()}, step=fit.epochs_run)
+        mlflow.log_param("scan_context_used", self.scan_context)
+        self.frames = {"val": sc.smooth_frame(raw, self.scan_context)}
         val = self.frames["val"]
         self.threshold, info = sc.select_threshold(val["y"], val["score"], cfg.threshold_goal, cfg.target_recall)
         mlflow.log_metric("threshold", self.threshold, step=fit.epochs_run)
         mlflow.log_dict({"threshold": self.threshold, **info}, eval_artifact("val", "threshold", "json"))
-        return {"threshold": self.threshold}
+        return {"threshold": self.threshold, "scan_context": self.scan_context}
 
     def predictions(self, split: str):
+        """Scores of ``split``'s slices, smoothed along each scan as the served model does (once chosen)."""
         probs, _ = sc.predict_probs(self.model, self.loaders[split], self.device, self.amp)
-        return prediction_frame(self.manifest, self.rows[split], self.y, probs[:, 0])
+        frame = prediction_frame(self.manifest, self.rows[split], self.y, probs[:, 0])
+        return sc.smooth_frame(frame, self.scan_context)
 
     def report(self, cfg: ClassificationConfig, split: str, step: int) -> dict:
         frame = self.frames[split] if split in self.frames else self.predictions(split)
@@ -112,6 +120,7 @@ class ClassificationRecipe(TaskRecipe):
         config = {"task": self.spec.name, "model": cfg.model, "in_channels": cfg.in_channels,
                   "image_size": cfg.image_size, "classes": [LABEL], "thresholds": [self.threshold],
                   "norm_mean": self.norm.mean, "norm_std": self.norm.std, "threshold_goal": cfg.threshold_goal,
+                  "scan_context": self.scan_context,
                   "split_digest": self.prep.split_digest}
         example = sc.example_scan(self.manifest, self.rows["test"])
         model = self.model.cpu().to(memory_format=torch.contiguous_format)
@@ -121,7 +130,8 @@ class ClassificationRecipe(TaskRecipe):
 
     def summary_lines(self, cfg: ClassificationConfig, result: TaskResult) -> list[str]:
         lines = [f"{self.prep.dataset} ({self.prep.source}), {cfg.model} {cfg.image_size}px, in_channels "
-                 f"{cfg.in_channels}, threshold {self.threshold:.4f} ({cfg.threshold_goal})"]
+                 f"{cfg.in_channels}, scan context {self.scan_context}, threshold {self.threshold:.4f} "
+                 f"({cfg.threshold_goal})"]
         for s in ("val", "test"):
             if f"{s}_patients" in result:
                 shown = ", ".join(f"{k} {result.get(f'{s}_patient_{k}', float('nan')):.3f}"
