@@ -113,3 +113,24 @@ def test_cache_reused_and_written_atomically(tmp_path, monkeypatch):
     mtime = first.stat().st_mtime_ns
     assert packaged_weights_file(NAME) == first
     assert first.stat().st_mtime_ns == mtime
+
+
+def test_entry_points_accept_the_packaged_name_and_refuse_it_for_another_architecture():
+    """What `-P pretrained=efficientnet_lite0_imagenet` goes through before any run opens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ichflow.tasks.classification import ClassificationConfig
+    from ichflow.tasks.classification.train import ClassificationRecipe
+    from ichflow.tasks.common import validate_train_config
+
+    cfg = ClassificationConfig(model="tf_efficientnet_lite0", pretrained=NAME)
+    validate_train_config(cfg)
+    ClassificationRecipe().validate(cfg)
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "pipelines" / "classification.py"), "--pretrained", NAME,
+                          "--model", "resnet18"], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [f"error: parameter pretrained: {NAME} needs "
+                                               "model=tf_efficientnet_lite0; got model=resnet18"]

@@ -10,6 +10,7 @@ import mlflow
 import torch
 
 from ichflow.engine.device import default_workers
+from ichflow.engine.pretrained import PACKAGED_NAMES
 from ichflow.paths import runs_dir
 from ichflow.prepare import DataConfig
 from ichflow.engine.resources import check_training_memory
@@ -56,8 +57,9 @@ def validate_train_config(cfg) -> None:
     for name in ("epochs", "patience", "batch_size"):
         check_range(name, getattr(cfg, name), 1)
     pretrained = str(getattr(cfg, "pretrained", "") or "").strip()
-    if pretrained and not Path(pretrained).expanduser().is_file():
-        raise ParameterError("pretrained", f"no weights file at {pretrained!r} (give a local file, or leave it empty)")
+    if pretrained and pretrained not in PACKAGED_NAMES and not Path(pretrained).expanduser().is_file():
+        raise ParameterError("pretrained", f"no weights file at {pretrained!r} (give a local file, packaged weights "
+                                           f"{', '.join(PACKAGED_NAMES)}, or leave it empty)")
     size_name = next((n for n in SIZE_FIELDS if hasattr(cfg, n)), None)
     if size_name:
         check_training_memory(size_name, getattr(cfg, size_name), cfg.batch_size, cfg.in_channels, device)

@@ -8,6 +8,7 @@ import numpy as np
 
 from ichflow.errors import ParameterError
 from ichflow.tasks.common import TrainConfig
+from ichflow.tasks.multilabel.labels import ANY
 from ichflow.tasks.spec import TASKS
 
 REGISTERED_NAME = TASKS["multilabel"].registered_name
@@ -31,7 +32,8 @@ class MultilabelConfig(TrainConfig):
                                       # (data_dir = a labels CSV image,<class>,...); synthetic-ctich
     synthetic_patients: int = 20      # phantom when no data_dir: 20 patients x 8 slices, each class in 8 patients
     synthetic_slices: int = 8
-    classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH (or the CSV's columns)
+    classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH,any (or the CSV's columns);
+                                      # any = any hemorrhage on the slice (labels.py)
     model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
     pretrained: str = ""              # '' = from scratch; a local weights file (nothing is downloaded);
                                       # or efficientnet_lite0_imagenet: ImageNet weights shipped in a package,
@@ -61,6 +63,7 @@ def parse_classes(text: str) -> list[str]:
 
 
 SUBTYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")        # the CT-ICH subtype columns (a labels CSV may have others)
+CTICH_CLASSES = (*SUBTYPES, ANY)                      # what a CT-ICH-layout dataset can label
 NO_SUBTYPE_LABELS = ("phe", "synthetic")             # datasets whose readers carry no subtype labels
 
 
@@ -68,10 +71,10 @@ def validate_labels(classes: list[str], dataset: str) -> None:
     """The classes exist in the chosen dataset, before it is read (a labels CSV is checked when read)."""
     if dataset in NO_SUBTYPE_LABELS:
         raise ParameterError("dataset", f"{dataset!r} has no subtype labels; use ctich, synthetic-ctich, csv or auto")
-    unknown = [c for c in classes if c not in SUBTYPES]
+    unknown = [c for c in classes if c not in CTICH_CLASSES]
     if dataset in ("ctich", "synthetic-ctich") and unknown:  # auto may be a labels CSV with its own columns
-        raise ParameterError("classes", f"{unknown} are not subtypes of CT-ICH ({', '.join(SUBTYPES)}); other "
-                                        "classes need a labels CSV (dataset=csv)")
+        raise ParameterError("classes", f"{unknown} are not subtypes of CT-ICH ({', '.join(SUBTYPES)}) or "
+                                        f"{ANY!r} (any of them); other classes need a labels CSV (dataset=csv)")
 
 
 def parse_multipliers(text: str, n: int) -> np.ndarray:

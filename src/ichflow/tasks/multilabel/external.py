@@ -21,6 +21,7 @@ from ichflow.data.scans import iter_scans
 from ichflow.engine.stats import finite, patient_bootstrap_ci
 from ichflow.errors import DataError
 from ichflow.tasks.multilabel import metrics as mm
+from ichflow.tasks.multilabel.labels import with_derived
 from ichflow.tasks.multilabel.report import log_per_class, log_predictions, log_split_figures
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def _classes_and_thresholds(model) -> tuple[list[str], np.ndarray]:
 def check_data(model, part: pd.DataFrame) -> None:
     """DataError unless the data has labels for every class the model predicts."""
     classes, _ = _classes_and_thresholds(model)
+    part = with_derived(part, classes)
     missing = [c for c in classes if c not in part.columns or part[c].isna().all()]
     if missing:
         raise DataError("data", f"the model predicts {classes} but the data has no labels for {missing} "
@@ -86,7 +88,7 @@ def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     """Log the subtype metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
     check_data(model, part)
     classes, thresholds = _classes_and_thresholds(model)
-    frame, p = served_probabilities(model.pyfunc, part, classes)
+    frame, p = served_probabilities(model.pyfunc, with_derived(part, classes), classes)
     y = frame[classes].astype("Float64").fillna(0).to_numpy(dtype=np.float32)
     pred = p >= thresholds[None, :]
     pids = frame["patient_id"].to_numpy()

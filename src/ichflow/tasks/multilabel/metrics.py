@@ -100,6 +100,71 @@ def pooled_metrics(y: np.ndarray, p: np.ndarray, pred: np.ndarray, classes: list
     return out
 
 
+N_BOOT = 1000          # patient resamples of the out-of-fold CIs
+CI_METRICS = ("roc_auc", "pr_auc")
+
+
+def pooled_cis(y: np.ndarray, p: np.ndarray, pids, classes: list[str], seed: int = 0, n_boot: int = N_BOOT,
+               alpha: float = 0.05) -> dict:
+    """``<c>_{roc_auc,pr_auc}_ci_low/_ci_high`` and ``macro_auc_ci_low/_ci_high``: percentile bootstrap over
+    patients of the pooled scores.
+
+    The slices of one patient are not independent (one bleed spans several slices), so whole patients are
+    resampled: the draws of :func:`ichflow.engine.stats.patient_bootstrap_ci` for the same seed, each slice
+    weighted by how often its patient was drawn, and the AUCs of every resample computed at once. A
+    resample without positives or without negatives of a class is skipped for that class; the macro
+    averages the classes defined on all the data and skips a resample where one of them is undefined.
+    """
+    y = np.asarray(y).reshape(len(y), -1) > 0
+    p = np.asarray(p, dtype=float).reshape(len(p), -1)
+    _, pidx = np.unique(np.asarray(pids).astype(str), return_inverse=True)
+    n_pat = int(pidx.max()) + 1 if len(pidx) else 0
+    out = {f"{c}_{m}_ci_{end}": float("nan") for c in classes for m in CI_METRICS for end in ("low", "high")}
+    out.update(macro_auc_ci_low=float("nan"), macro_auc_ci_high=float("nan"))
+    if n_pat == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    picks = np.stack([rng.integers(0, n_pat, size=n_pat) for _ in range(n_boot)])
+    counts = np.bincount((np.arange(n_boot)[:, None] * n_pat + picks).ravel(), minlength=n_boot * n_pat)
+    weights = counts.reshape(n_boot, n_pat)[:, pidx].astype(float)          # (resample, slice)
+    macro = []
+    for j, c in enumerate(classes):
+        roc, ap = _weighted_aucs(y[:, j], p[:, j], weights)
+        for m, vals in (("roc_auc", roc), ("pr_auc", ap)):
+            out[f"{c}_{m}_ci_low"], out[f"{c}_{m}_ci_high"] = _percentiles(vals, alpha)
+        if 0 < y[:, j].sum() < len(y):
+            macro.append(roc)
+    if macro:
+        out["macro_auc_ci_low"], out["macro_auc_ci_high"] = _percentiles(np.mean(macro, axis=0), alpha)
+    return out
+
+
+def _weighted_aucs(t: np.ndarray, s: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ROC-AUC, average precision) of truth ``t`` and scores ``s`` under each row of slice weights ``w``;
+    the same tie handling as sklearn's roc_auc_score / average_precision_score. NaN where a row has no
+    positive or no negative weight."""
+    order = np.argsort(-s, kind="stable")
+    starts = np.r_[0, np.nonzero(np.diff(s[order]))[0] + 1]              # groups of tied scores, high first
+    wo = w[:, order]
+    pos = np.add.reduceat(wo * t[order], starts, axis=1)
+    neg = np.add.reduceat(wo, starts, axis=1) - pos
+    tp, fp = np.cumsum(pos, axis=1), np.cumsum(neg, axis=1)
+    n_pos, n_neg = tp[:, -1], fp[:, -1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        roc = (pos * (n_neg[:, None] - fp + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+        ap = (pos * tp / np.where(tp + fp > 0, tp + fp, 1)).sum(axis=1) / n_pos
+    bad = (n_pos == 0) | (n_neg == 0)
+    roc[bad], ap[bad] = np.nan, np.nan
+    return roc, ap
+
+
+def _percentiles(vals: np.ndarray, alpha: float) -> tuple[float, float]:
+    vals = vals[np.isfinite(vals)]
+    if not len(vals):
+        return float("nan"), float("nan")
+    return float(np.quantile(vals, alpha / 2)), float(np.quantile(vals, 1 - alpha / 2))
+
+
 def multilabel_confusion_figure(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str], title: str = ""):
     """One 2x2 confusion matrix per class (counts, with row-normalised fractions)."""
     from sklearn.metrics import multilabel_confusion_matrix
@@ -163,4 +228,32 @@ def summary_markdown(agg: dict, sup: dict, classes: list[str], prefix: str = "cv
                      f"{fmt(c + '_pr_auc')} | {fmt(c + '_f1')} | {fmt(c + '_precision')} | {fmt(c + '_recall')} |")
     lines += ["", f"macro ROC-AUC {fmt('macro_auc')}, micro ROC-AUC {fmt('micro_auc')}, "
                   f"macro F1 {fmt('macro_f1')}, micro F1 {fmt('micro_f1')}"]
+    return "\n".join(lines)
+
+
+def ci_text(metrics: dict, key: str) -> str:
+    """``0.693 (95 % CI 0.601–0.779)`` of ``<key>`` and ``<key>_ci_low/_ci_high`` ('n/a' when undefined)."""
+    v, lo, hi = (metrics.get(k) for k in (key, f"{key}_ci_low", f"{key}_ci_high"))
+    if v is None or v != v:
+        return "n/a"
+    return f"{v:.3f}" + ("" if lo is None or lo != lo else f" (95 % CI {lo:.3f}–{hi:.3f})")
+
+
+def mean_sd_text(metrics: dict, key: str) -> str:
+    """``0.736 ± 0.140`` of ``<key>`` and ``<key>_sd`` ('n/a' when no fold defined it)."""
+    m, s = metrics.get(key), metrics.get(f"{key}_sd")
+    return "n/a" if m is None else f"{m:.3f} ± {s:.3f}"
+
+
+def headline_markdown(metrics: dict, sup: dict, classes: list[str]) -> str:
+    """Per-class table of the headline: pooled out-of-fold ROC-AUC and PR-AUC with their patient-bootstrap
+    CIs (``oof_*``), and beside each the mean ± sd over the held-out folds (``cv_*``)."""
+    lines = ["| class | slices | patients | ROC-AUC, out-of-fold | ROC-AUC, fold mean ± sd | "
+             "PR-AUC, out-of-fold | PR-AUC, fold mean ± sd |", "|---|---|---|---|---|---|---|"]
+    for c in classes:
+        lines.append(f"| {c} | {sup.get(f'{c}_slices', '')} | {sup.get(f'{c}_patients', '')} | "
+                     f"{ci_text(metrics, f'oof_{c}_roc_auc')} | {mean_sd_text(metrics, f'cv_{c}_roc_auc')} | "
+                     f"{ci_text(metrics, f'oof_{c}_pr_auc')} | {mean_sd_text(metrics, f'cv_{c}_pr_auc')} |")
+    lines.append(f"| **macro** | | | {ci_text(metrics, 'oof_macro_auc')} | {mean_sd_text(metrics, 'cv_macro_auc')} "
+                 f"| | {mean_sd_text(metrics, 'cv_macro_pr_auc')} |")
     return "\n".join(lines)

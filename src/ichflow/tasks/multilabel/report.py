@@ -4,7 +4,8 @@ Split ``<split>`` (``oof`` = pooled out-of-fold, ``eval`` = an external evaluati
 held-out patients): ``eval/<split>_predictions.csv`` (truth, probability and prediction per class and slice),
 ``eval/<split>_per_class.csv``, ``figures/<split>_multilabel_confusion.png``, ``figures/<split>_cooccurrence.png``
 and ``figures/<split>_roc_pr_<class>.png``. The cross-validation tables are split ``cv``: ``eval/cv_folds.csv``
-(fold of every patient), ``eval/cv_fold_metrics.csv``, ``eval/cv_support_per_fold.csv``, ``eval/cv_summary.md``.
+(fold of every patient), ``eval/cv_fold_metrics.csv``, ``eval/cv_support_per_fold.csv``, ``eval/cv_summary.md``
+(the pooled out-of-fold headline with CIs first, the fold means beside).
 """
 
 from __future__ import annotations
@@ -56,31 +57,37 @@ def log_fold_table(table: pd.DataFrame) -> None:
     mlflow.log_text(table.to_csv(index=False), eval_artifact("cv", "folds"))
 
 
-def log_cv_tables(fold_rows: list[dict], fold_support: list[dict], agg: dict, sup: dict, classes: list[str],
+def log_cv_tables(fold_rows: list[dict], fold_support: list[dict], metrics: dict, sup: dict, classes: list[str],
                   n_folds: int) -> None:
-    """Per-fold metrics and support, and the markdown summary (held-out ``cv_*`` and inner ``val_*``)."""
+    """Per-fold metrics and support, and the markdown summary: the pooled out-of-fold headline (``oof_*`` with
+    CIs, fold means beside), then the held-out folds (``cv_*``) and the inner validation (``val_*``)."""
     mlflow.log_text(pd.DataFrame(fold_rows).to_csv(index=False), eval_artifact("cv", "fold_metrics"))
     mlflow.log_text(pd.DataFrame(fold_support).to_csv(index=False), eval_artifact("cv", "support_per_fold"))
     text = ["# Subtype cross-validation", "",
-            f"{n_folds} patient-level folds; held-out metrics mean ± sd over folds (folds where defined).", "",
-            mm.summary_markdown(agg, sup, classes, prefix="cv"), "",
+            f"{n_folds} patient-level folds. Out-of-fold: every patient's slices scored once by the fold model "
+            "that did not train on it, pooled; 95 % CI by a percentile bootstrap over patients "
+            f"({mm.N_BOOT} resamples). Beside it the mean ± sd over the held-out folds.", "",
+            mm.headline_markdown(metrics, sup, classes), "",
+            "Held-out folds, mean ± sd over folds (folds where defined):", "",
+            mm.summary_markdown(metrics, sup, classes, prefix="cv"), "",
             "Inner validation (threshold / checkpoint selection), mean ± sd:", "",
-            mm.summary_markdown(agg, sup, classes, prefix="val")]
+            mm.summary_markdown(metrics, sup, classes, prefix="val")]
     mlflow.log_text("\n".join(text), eval_artifact("cv", "summary", "md"))
 
 
 def cv_lines(result, support: dict, classes: list[str]) -> list[str]:
-    """Summary lines of the held-out CV estimate (none when it was not reported)."""
-    def ms(key):
-        m, s = result.get(f"cv_{key}"), result.get(f"cv_{key}_sd")
-        return "n/a" if m is None else f"{m:.3f} ± {s:.3f}"
-
+    """Summary lines of the CV estimate, pooled out-of-fold with its CI first, fold mean ± sd beside (none
+    when it was not reported)."""
     if "cv_macro_auc" not in result:
         return []
-    lines = [f"{c}: {support[f'{c}_slices']} slices / {support[f'{c}_patients']} patients; held-out AUC "
-             f"{ms(c + '_roc_auc')}, F1 {ms(c + '_f1')}" for c in classes]
-    return lines + [f"held-out macro AUC {ms('macro_auc')}, macro F1 {ms('macro_f1')}; pooled out-of-fold macro "
-                    f"AUC {result.get('oof_macro_auc', float('nan')):.3f}; final model {result.get('final_model')}"]
+
+    def both(key):
+        return f"{mm.ci_text(result, f'oof_{key}')}, fold mean {mm.mean_sd_text(result, f'cv_{key}')}"
+
+    lines = [f"{c}: {support[f'{c}_slices']} slices / {support[f'{c}_patients']} patients; out-of-fold ROC-AUC "
+             f"{both(c + '_roc_auc')}; PR-AUC {both(c + '_pr_auc')}" for c in classes]
+    return lines + [f"out-of-fold macro AUC {both('macro_auc')}; macro F1 {both('macro_f1')}; "
+                    f"final model {result.get('final_model')}"]
 
 
 def _log(fig, path: str) -> None:

@@ -8,6 +8,9 @@ Evaluation: the classes are thin (few positive patients each), so one split says
 held out exactly once in k folds (:mod:`.crossval`: one nested MLflow run per fold, inner validation for
 checkpoint and thresholds). The parent run reports ``val_*`` (inner validation, mean ± sd over folds, the
 objective) and, when ``evaluate_test``, ``cv_*`` = ``test_*`` (held-out folds) and the pooled ``oof_*``.
+The headline is the pooled out-of-fold per-class ROC-AUC / PR-AUC and macro AUC with 95 % patient-bootstrap
+CIs (``oof_<class>_roc_auc_ci_low`` / ``_ci_high``, ...): a fold holds one or two patients of a rare class, so
+a fold's AUC, and the mean of five of them, rests on very few patients.
 With ``evaluate_test=False`` (tuning trials) the holdout test patients are left out of the CV entirely.
 
 Model ``ich-subtypes``: ``final_model=best_fold`` (default) is the fold model with the best inner-validation
@@ -34,6 +37,7 @@ from ichflow.tasks.common import run_folder
 from ichflow.tasks.multilabel import crossval as cv, metrics as mm, report
 from ichflow.tasks.multilabel.config import (FINAL_MODELS, POS_WEIGHTS, PRESETS, SAMPLERS, MultilabelConfig,
                                              parse_classes, parse_multipliers, validate_labels)
+from ichflow.tasks.multilabel.labels import with_derived
 from ichflow.tasks.multilabel.labels_csv import is_labels_csv, prepare_labels_csv
 from ichflow.tasks.recipe import TaskRecipe, TaskResult, run_task
 from ichflow.tasks.spec import TASKS
@@ -73,6 +77,7 @@ class MultilabelRecipe(TaskRecipe):
 
     def prepare(self, cfg: MultilabelConfig):
         prep = prepare_labels_csv(cfg) if is_labels_csv(cfg.data_dir, cfg.dataset) else prepare_data(cfg)
+        prep = dataclasses.replace(prep, manifest=with_derived(prep.manifest, self.classes))
         missing = [c for c in self.classes if c not in prep.manifest.columns or prep.manifest[c].isna().all()]
         if missing:
             raise ParameterError("classes", f"{missing} have no labels in the {prep.dataset} data (PHE-SICH-CT-IDS "
@@ -124,13 +129,14 @@ class MultilabelRecipe(TaskRecipe):
         cv_m = {f"cv_{k}": v for k, v in mm.aggregate([o.heldout for o in self.outcomes]).items()}
         rows, p, pred = self.oof = cv.out_of_fold(self.outcomes)
         y, slices = self.ctx.y[rows], self.ctx.data.manifest.loc[rows]
-        out = {**cv_m, **{f"test_{k[3:]}": v for k, v in cv_m.items()},
-               **{f"oof_{k}": v for k, v in mm.pooled_metrics(y, p, pred, self.classes).items()}}
+        pids = slices["patient_id"].to_numpy()
+        oof = {**mm.pooled_metrics(y, p, pred, self.classes), **mm.pooled_cis(y, p, pids, self.classes, cfg.seed)}
+        out = {**cv_m, **{f"test_{k[3:]}": v for k, v in cv_m.items()}, **{f"oof_{k}": v for k, v in oof.items()}}
         mlflow.log_metrics(finite(out), step=step)
         report.log_cv_tables(cv.fold_rows(self.ctx, self.outcomes), cv.fold_support(self.ctx, self.outcomes),
-                             {**self.val_agg, **cv_m}, self.support, self.classes, cfg.n_folds)
+                             {**self.val_agg, **out}, self.support, self.classes, cfg.n_folds)
         report.log_predictions("oof", slices, y, p, pred, self.classes)
-        report.log_split_figures("oof", y, p, pred, slices["patient_id"].to_numpy(), self.classes,
+        report.log_split_figures("oof", y, p, pred, pids, self.classes,
                                  title="out-of-fold (each fold's own thresholds)")
         return out
 
@@ -171,6 +177,7 @@ def train_multilabel(cfg: MultilabelConfig, on_epoch_end=None) -> TaskResult:
 
     Returns ``objective`` (= ``val_macro_auc``, mean over folds of the inner-validation macro-AUC), ``val_*``,
     ``folds``, ``fold_source``; when ``evaluate_test``: ``cv_*`` (held-out folds, mean and ``_sd``), ``test_*``
-    (= ``cv_*``), ``oof_*``, ``final_model``, ``model_uri`` / ``model_version``.
+    (= ``cv_*``), ``oof_*`` (with ``_ci_low`` / ``_ci_high`` of the AUCs), ``final_model``, ``model_uri`` /
+    ``model_version``.
     """
     return run_task(MultilabelRecipe, cfg, on_epoch_end)
