@@ -164,7 +164,9 @@ def test_bad_parameters_are_named():
                      (dict(conf_threshold=1.5), "conf_threshold"), (dict(in_channels=2), "in_channels"),
                      (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"),
                      (dict(neg_fraction=0.0), "neg_fraction"), (dict(time_budget_min=-1.0), "time_budget_min"),
-                     (dict(aug_strength=1.5), "aug_strength"), (dict(engine="fasterrcnn", model="s"), "model")):
+                     (dict(aug_strength=1.5), "aug_strength"), (dict(engine="fasterrcnn", model="s"), "model"),
+                     (dict(engine="fasterrcnn", model="mobilenet", anchor_sizes="8,16,32"), "anchor_sizes"),
+                     (dict(engine="fasterrcnn", model="mobilenet", anchor_sizes="64,32,16,8,4"), "anchor_sizes")):
         err = _bad(**kw)
         assert err.name == name and str(err).startswith(f"parameter {name}: "), (kw, str(err))
     assert "mobilenet, resnet50" in str(_bad(engine="fasterrcnn", model="s"))
@@ -231,3 +233,22 @@ def test_pyfunc_input_conventions():
     assert np.array_equal(st[0][..., 0], arr[0]) and np.array_equal(st[0][..., 2], arr[1])   # edge replicated
     assert np.array_equal(st[2][..., 0], arr[1]) and np.array_equal(st[2][..., 2], arr[2])
     assert [s.shape for s in stacked(arr, 1)] == [(4, 5, 1)] * 3
+
+
+def test_fasterrcnn_anchors_span_the_training_boxes():
+    """COCO's anchors (32-512 px) miss small lesions at small imgsz: auto anchors cover the boxes' sides."""
+    from ichflow.tasks.detection.fasterrcnn import COCO_ANCHORS, anchor_sizes, build_model, parse_anchor_sizes
+
+    rng = np.random.default_rng(0)
+    sides = rng.uniform(10, 25, size=(40, 2))
+    boxes = [np.array([[5, 5, 5 + w, 5 + h]]) for w, h in sides] + [np.zeros((0, 4))]
+    sizes = anchor_sizes(boxes)
+    assert len(sizes) == 5 and list(sizes) == sorted(sizes)
+    geo = np.sqrt(sides[:, 0] * sides[:, 1])
+    assert sizes[0] <= geo.min() and sizes[-1] >= geo.max() and sizes[-1] < COCO_ANCHORS[0] * 2
+    assert anchor_sizes([]) == COCO_ANCHORS
+    assert parse_anchor_sizes("auto") is None and parse_anchor_sizes("coco") == COCO_ANCHORS
+    assert parse_anchor_sizes("8,16,32,64,128") == (8, 16, 32, 64, 128)
+    for arch, per_level in (("mobilenet", 5), ("resnet50", 1)):
+        gen = build_model(arch, 128, 0.5, 0.2, anchors=sizes).rpn.anchor_generator
+        assert gen.sizes[0] == (sizes if per_level == 5 else sizes[:1])

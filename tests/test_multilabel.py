@@ -16,9 +16,12 @@ from ichflow.errors import DataError, ParameterError
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
 from ichflow.tasks.multilabel import folds as cvf
+from ichflow.tasks.multilabel import report as mreport
+from ichflow.tasks.multilabel.labels import with_derived
 from ichflow.tasks.multilabel.labels_csv import is_labels_csv, read_labels_csv
-from ichflow.tasks.multilabel.metrics import aggregate, multilabel_metrics, support
-from ichflow.tasks.multilabel.config import parse_classes, parse_multipliers
+from ichflow.tasks.multilabel.metrics import (aggregate, headline_markdown, multilabel_metrics, pooled_cis,
+                                              pooled_metrics, support)
+from ichflow.tasks.multilabel.config import parse_classes, parse_multipliers, validate_labels
 
 CLASSES = ["IVH", "IPH", "SAH"]
 
@@ -132,6 +135,167 @@ def test_multilabel_metrics_macro_over_defined_classes_and_micro_f1():
     assert agg["x"] == 2.0 and agg["x_sd"] == pytest.approx(np.sqrt(2)) and agg["y"] == 2.0 and agg["y_folds"] == 1
 
 
+def _scored(n_patients: int, slices: int = 6, seed: int = 0):
+    """(y, p, patient ids): two classes, positives clustered in patients, scores that separate them partly."""
+    rng = np.random.default_rng(seed)
+    pids = np.repeat([f"p{i:03d}" for i in range(n_patients)], slices)
+    sick = np.repeat(rng.random((n_patients, 2)) < 0.3, slices, axis=0)
+    y = (sick & (rng.random((len(pids), 2)) < 0.6)).astype(int)
+    p = np.round(0.4 * y + 0.6 * rng.random((len(pids), 2)), 2)          # rounded: tied scores too
+    return y, p, pids
+
+
+def _width(ci: dict, key: str) -> float:
+    return ci[f"{key}_ci_high"] - ci[f"{key}_ci_low"]
+
+
+def test_pooled_cis_are_the_patient_bootstrap_of_the_engine_and_contain_the_estimate():
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from ichflow.engine.stats import patient_bootstrap_ci
+
+    y, p, pids = _scored(30)
+    ci = pooled_cis(y, p, pids, ["A", "B"], seed=3, n_boot=100)
+    frame = pd.DataFrame({"patient_id": pids, "i": np.arange(len(y))})
+    for j, c in enumerate(["A", "B"]):
+        for name, score in (("roc_auc", roc_auc_score), ("pr_auc", average_precision_score)):
+            def stat(f, j=j, score=score):
+                t = y[f["i"], j]
+                return score(t, p[f["i"], j]) if 0 < t.sum() < len(t) else float("nan")
+            expected = patient_bootstrap_ci(frame, stat, n_boot=100, seed=3)   # same draws, one metric at a time
+            assert (ci[f"{c}_{name}_ci_low"], ci[f"{c}_{name}_ci_high"]) == pytest.approx(expected, abs=1e-12)
+    point = pooled_metrics(y, p, p >= 0.5, ["A", "B"])
+    ci = pooled_cis(y, p, pids, ["A", "B"], seed=0)
+    for key in ("A_roc_auc", "A_pr_auc", "B_roc_auc", "B_pr_auc", "macro_auc"):
+        assert ci[f"{key}_ci_low"] <= point[key] <= ci[f"{key}_ci_high"], key
+        assert 0 < _width(ci, key) < 1
+
+
+def test_pooled_cis_resample_patients_not_slices():
+    y, p, pids = _scored(20, slices=4, seed=1)
+    ci = pooled_cis(y, p, pids, ["A", "B"], seed=0, n_boot=300)
+    # five copies of every slice inside its patient: no new patient, so no new information; a slice bootstrap
+    # would see five times the slices and shrink the interval by about sqrt(5)
+    ci5 = pooled_cis(np.repeat(y, 5, axis=0), np.repeat(p, 5, axis=0), np.repeat(pids, 5), ["A", "B"], seed=0,
+                     n_boot=300)
+    for key in ("A_roc_auc", "B_pr_auc", "macro_auc"):
+        assert (ci5[f"{key}_ci_low"], ci5[f"{key}_ci_high"]) == pytest.approx(
+            (ci[f"{key}_ci_low"], ci[f"{key}_ci_high"]), abs=1e-9), key
+    # fewer patients, the same kind of data: wider
+    big = pooled_cis(*_scored(160, seed=2), ["A", "B"], seed=0, n_boot=300)
+    small = pooled_cis(*_scored(20, seed=2), ["A", "B"], seed=0, n_boot=300)
+    for key in ("A_roc_auc", "B_roc_auc", "macro_auc"):
+        assert _width(small, key) > 1.5 * _width(big, key), key
+
+
+def test_pooled_cis_skip_undefined_classes_and_resamples():
+    y, p, pids = _scored(20, seed=4)
+    y = np.column_stack([y, np.zeros(len(y), int)])                      # class C: no positive at all
+    y[:, 1] = 0
+    y[pids == "p007", 1] = 1                                             # class B: one positive patient
+    p = np.column_stack([p, np.full(len(y), 0.5)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ci = pooled_cis(y, p, pids, ["A", "B", "C"], seed=0, n_boot=200)
+    assert np.isnan(ci["C_roc_auc_ci_low"]) and np.isnan(ci["C_pr_auc_ci_high"])
+    assert np.isfinite([ci["B_roc_auc_ci_low"], ci["B_roc_auc_ci_high"]]).all()   # resamples without p007 skipped
+    assert np.isfinite([ci["macro_auc_ci_low"], ci["macro_auc_ci_high"]]).all()   # over A and B
+    assert np.isnan(pooled_cis(y[:0], p[:0], pids[:0], ["A", "B", "C"])["macro_auc_ci_low"])   # no slices
+
+
+def test_headline_and_summary_lines_put_the_pooled_ci_first():
+    m = {"oof_IVH_roc_auc": 0.7, "oof_IVH_roc_auc_ci_low": 0.6, "oof_IVH_roc_auc_ci_high": 0.8,
+         "cv_IVH_roc_auc": 0.65, "cv_IVH_roc_auc_sd": 0.1, "oof_macro_auc": 0.7, "oof_macro_auc_ci_low": 0.6,
+         "oof_macro_auc_ci_high": 0.8, "cv_macro_auc": 0.65, "cv_macro_auc_sd": 0.1, "final_model": "fold-1"}
+    sup = {"IVH_slices": 24, "IVH_patients": 5}
+    table = headline_markdown(m, sup, ["IVH"])
+    assert "| IVH | 24 | 5 | 0.700 (95 % CI 0.600–0.800) | 0.650 ± 0.100 | n/a | n/a |" in table
+    lines = mreport.cv_lines(m, sup, ["IVH"])
+    assert lines[0].startswith("IVH: 24 slices / 5 patients; out-of-fold ROC-AUC 0.700 (95 % CI 0.600–0.800), "
+                               "fold mean 0.650 ± 0.100")
+    assert lines[-1].startswith("out-of-fold macro AUC 0.700 (95 % CI 0.600–0.800), fold mean 0.650 ± 0.100")
+
+
+def test_pooled_cis_cost_well_under_a_second_on_a_ctich_sized_set():
+    import time
+
+    rng = np.random.default_rng(0)
+    pids = rng.integers(0, 82, 2500).astype(str)
+    y, p = rng.random((2500, 3)) < 0.03, rng.random((2500, 3))
+    t0 = time.perf_counter()
+    pooled_cis(y, p, pids, CLASSES, seed=0)
+    assert time.perf_counter() - t0 < 5.0          # generous: a shared 2-core CPU
+
+
+# ------------------------------------------------------------------------------------------------ any
+def test_any_is_the_or_of_the_subtypes_on_the_real_ctich_labels(ctich_dir):
+    from ichflow.data.ctich import read_ctich
+
+    m, _ = read_ctich(ctich_dir)
+    _check_any(m)
+
+
+def test_any_is_the_or_of_the_subtypes_on_the_phantom_and_folds_stratify_it(synthetic_ctich):
+    from ichflow.tasks.multilabel.train import MultilabelRecipe
+
+    recipe = MultilabelRecipe()
+    cfg = recipe.checked(MultilabelConfig(dataset="synthetic-ctich", classes="IVH,any", synthetic_patients=12,
+                                          synthetic_slices=12, n_folds=3))
+    prep = recipe.prepare(cfg)
+    _check_any(prep.manifest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cvf.FoldWarning)
+        folds, _ = cvf.cv_folds(prep.manifest, prep.split, ["IVH", "any"], 3)
+    plabels = cvf.patient_labels(prep.manifest, ["IVH", "any"])
+    assert folds[plabels["any"]].nunique() == 3
+
+
+def _check_any(m: pd.DataFrame) -> None:
+    subtypes = ["IVH", "IPH", "SAH", "EDH", "SDH"]
+    derived = with_derived(m, ["IVH", "any"])
+    assert derived["any"].notna().all() and derived["any"].sum() > 0
+    np.testing.assert_array_equal(derived["any"].to_numpy(int), m[subtypes].to_numpy(int).max(axis=1))
+    assert "any" not in with_derived(m.drop(columns="any", errors="ignore"), CLASSES).columns   # only if selected
+
+
+def test_any_on_a_labels_csv_is_any_listed_class_and_a_csv_column_wins(tmp_path):
+    _write_images(tmp_path, ["p1/a.png", "p1/b.png", "p2/a.png"])
+    (tmp_path / "labels.csv").write_text("image,IVH,fracture\np1/a.png,0,1\np1/b.png,0,0\np2/a.png,1,0\n")
+    m, _, _ = read_labels_csv(tmp_path / "labels.csv")
+    assert with_derived(m, ["any"])["any"].tolist() == [1, 0, 1]
+    (tmp_path / "own.csv").write_text("image,IVH,any\np1/a.png,0,1\np1/b.png,0,0\np2/a.png,1,0\n")
+    m, _, _ = read_labels_csv(tmp_path / "own.csv")
+    assert with_derived(m, ["any"])["any"].tolist() == [1, 0, 0]       # the CSV's own column, as given
+    phe_like = m.assign(IVH=pd.NA).drop(columns="any")                 # no class labels: nothing to derive
+    assert with_derived(phe_like, ["any"])["any"].isna().all()
+
+
+def test_any_and_rare_subtypes_in_the_folds():
+    pattern = _pattern(30)                                               # EDH in 4 patients, SDH in none
+    m = with_derived(_manifest(pattern), ["any"])
+    split = pd.DataFrame({"patient_id": sorted(pattern), "split": "train", "fold": 0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", cvf.FoldWarning)
+        folds, _ = cvf.cv_folds(m, split, ["EDH", "SDH", "any"], 5)
+    assert sorted(str(w.message).split(" for ")[0] for w in caught) == ["class EDH: 4 positive patient(s)",
+                                                                       "class SDH: 0 positive patient(s)"]
+    assert folds[cvf.patient_labels(m, ["any"])["any"]].nunique() == 5
+
+
+def test_class_names_are_checked_against_the_dataset():
+    from ichflow.tasks.multilabel.train import MultilabelRecipe
+
+    for dataset in ("ctich", "synthetic-ctich"):
+        validate_labels(["IVH", "any"], dataset)
+        validate_labels(["EDH", "SDH"], dataset)
+        cfg = MultilabelRecipe().checked(MultilabelConfig(dataset=dataset, classes="IVH,any"))
+        assert cfg.classes == "IVH,any"
+        with pytest.raises(ParameterError, match=r"^parameter classes: \['foo'\] are not subtypes") as err:
+            MultilabelRecipe().checked(MultilabelConfig(dataset=dataset, classes="foo"))
+        assert "\n" not in str(err.value)
+    validate_labels(["foo", "any"], "csv")                               # a labels CSV names its own classes
+
+
 # ------------------------------------------------------------------------------------------------ labels CSV
 def _write_images(folder, names):
     for n in names:
@@ -196,12 +360,14 @@ def test_bad_parameters_are_rejected(synthetic_phe):
         train_multilabel(MultilabelConfig(dataset="synthetic", synthetic_patients=12))
 
 
-def test_a_bad_parameter_on_the_command_line_is_one_error_line_and_exit_2():
-    proc = subprocess.run([sys.executable, "pipelines/multilabel.py", "--n_folds", "1"],
+@pytest.mark.parametrize("args, name", [(["--n_folds", "1"], "n_folds"),
+                                        (["--dataset", "ctich", "--classes", "foo"], "classes")])
+def test_a_bad_parameter_on_the_command_line_is_one_error_line_and_exit_2(args, name):
+    proc = subprocess.run([sys.executable, "pipelines/multilabel.py", *args],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: parameter n_folds:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: parameter {name}:"), proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -224,8 +390,10 @@ def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered
         assert [h.step for h in client.get_metric_history(child.info.run_id, "train_loss")] == [0]
     m = parent.data.metrics
     for key in ("cv_macro_auc", "cv_macro_auc_sd", "cv_IVH_roc_auc", "cv_IPH_f1", "cv_micro_f1", "test_macro_auc",
-                "test_macro_f1", "val_macro_auc", "oof_macro_auc", "support_IVH_slices", "support_SAH_patients"):
+                "test_macro_f1", "val_macro_auc", "oof_macro_auc", "support_IVH_slices", "support_SAH_patients",
+                "oof_macro_auc_ci_low", "oof_macro_auc_ci_high", "oof_IVH_roc_auc_ci_low", "oof_SAH_pr_auc_ci_high"):
         assert key in m, key
+    assert m["oof_macro_auc_ci_low"] <= m["oof_macro_auc"] <= m["oof_macro_auc_ci_high"]
     held = [c.data.metrics["heldout_macro_auc"] for c in children]
     assert m["cv_macro_auc"] == pytest.approx(np.mean(held))
     assert result["objective"] == m["val_macro_auc"] and result["objective_name"] == "val_macro_auc"
@@ -242,6 +410,8 @@ def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered
     evals = {f.path for f in client.list_artifacts(parent.info.run_id, "eval")}
     assert {"eval/oof_predictions.csv", "eval/cv_fold_metrics.csv", "eval/cv_support_per_fold.csv",
             "eval/cv_summary.md"} <= evals
+    summary = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/eval/cv_summary.md")
+    assert "| class | slices | patients | ROC-AUC, out-of-fold |" in summary and "95 % CI" in summary
     assert parent.data.tags["ichflow.final_model"].startswith("fold-")
 
     loaded = mlflow.pyfunc.load_model(f"models:/ich-subtypes/{result['model_version']}")

@@ -30,6 +30,8 @@ class DetectionConfig(TrainConfig):
     neg_fraction: float = 1.0      # share of the TRAIN split's negative slices used for training (val/test: all)
     time_budget_min: float = 0.0   # stop after the epoch when another one would exceed this (0 = no limit)
     max_det: int = 50              # boxes kept per slice at inference
+    anchor_sizes: str = "auto"     # fasterrcnn: auto (5 sizes spanning the training boxes) | coco (torchvision's
+    #                                32,64,128,256,512) | 5 ascending sizes in px at imgsz, e.g. 8,16,32,64,128
     overlays: int = 8              # test slices drawn with predicted/true boxes
 
 

@@ -16,7 +16,7 @@ import torch
 
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.slices import resize_square, stack_channels
-from ichflow.errors import check_choice
+from ichflow.errors import ParameterError, check_choice
 from ichflow.paths import CHECKPOINT
 from ichflow.tasks.detection.base import BOX_CONF, EngineFit
 from ichflow.tracking import log_params_once
@@ -40,6 +40,23 @@ def anchor_sizes(boxes: list[np.ndarray]) -> tuple[int, ...]:
     low, high = np.percentile(sides, [5, 95])
     sizes = np.geomspace(max(4.0, 0.75 * low), max(8.0, 1.25 * high), len(COCO_ANCHORS))
     return tuple(int(round(v)) for v in sizes)
+
+
+def parse_anchor_sizes(text: str) -> tuple[int, ...] | None:
+    """None for ``auto``; COCO_ANCHORS for ``coco``; else five ascending sizes (ParameterError otherwise)."""
+    text = str(text).strip().lower()
+    if text == "auto":
+        return None
+    if text == "coco":
+        return COCO_ANCHORS
+    try:
+        sizes = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != len(COCO_ANCHORS) or min(sizes) < 2 or list(sizes) != sorted(set(sizes)):
+        raise ParameterError("anchor_sizes", "must be auto, coco or 5 ascending sizes in px (e.g. 8,16,32,64,128); "
+                                             f"got {text!r}")
+    return sizes
 
 
 def build_model(arch: str, imgsz: int, mean: float, std: float, max_det: int = 50,
@@ -222,6 +239,7 @@ class FasterRCNNEngine:
     @staticmethod
     def check(cfg) -> None:
         check_choice("model", cfg.model, ARCHS)
+        parse_anchor_sizes(cfg.anchor_sizes)
 
     def slices(self, cfg, prep) -> pd.DataFrame:
         from ichflow.tasks.detection.dataset import slice_table
@@ -245,7 +263,7 @@ class FasterRCNNEngine:
         mean, std = norm.mean / 255.0, norm.std / 255.0
         log_params_once(norm.as_params())
         train_boxes = scaled_boxes(train, cfg.imgsz)
-        anchors = anchor_sizes(train_boxes)
+        anchors = parse_anchor_sizes(cfg.anchor_sizes) or anchor_sizes(train_boxes)
         log_params_once({"anchor_sizes": ",".join(map(str, anchors))})
         model = build_model(cfg.model, cfg.imgsz, mean, std, cfg.max_det, anchors).to(device)
         train_ds = SliceBoxes(self.images, train["row"].to_numpy(), train_boxes, cfg.in_channels,

@@ -115,8 +115,8 @@ def pooled_cis(y: np.ndarray, p: np.ndarray, pids, classes: list[str], seed: int
     resample without positives or without negatives of a class is skipped for that class; the macro
     averages the classes defined on all the data and skips a resample where one of them is undefined.
     """
-    y = np.asarray(y).reshape(len(y), -1) > 0
-    p = np.asarray(p, dtype=float).reshape(len(p), -1)
+    y = np.asarray(y).reshape(len(y), len(classes)) > 0
+    p = np.asarray(p, dtype=float).reshape(len(p), len(classes))
     _, pidx = np.unique(np.asarray(pids).astype(str), return_inverse=True)
     n_pat = int(pidx.max()) + 1 if len(pidx) else 0
     out = {f"{c}_{m}_ci_{end}": float("nan") for c in classes for m in CI_METRICS for end in ("low", "high")}
