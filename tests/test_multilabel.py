@@ -448,3 +448,13 @@ def test_tuning_trial_on_a_labels_csv_keeps_test_patients_out(synthetic_ctich, t
                         dtype={"patient_id": str})
     test_ids = set(split.loc[split["split"] == "test", "patient_id"])
     assert test_ids and not test_ids & set(folds["patient_id"])
+
+
+@pytest.mark.slow
+def test_an_any_head_trains_next_to_a_subtype(synthetic_ctich):
+    result = train_multilabel(dataclasses.replace(TINY, classes="IVH,any", register=False))
+    m = mlflow.get_run(result["run_id"]).data.metrics
+    for key in ("oof_any_roc_auc", "oof_any_roc_auc_ci_low", "oof_any_pr_auc_ci_high", "cv_any_roc_auc",
+                "support_any_patients"):
+        assert key in m, key
+    assert m["support_any_patients"] >= m["support_IVH_patients"]
