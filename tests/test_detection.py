@@ -252,3 +252,13 @@ def test_fasterrcnn_anchors_span_the_training_boxes():
     for arch, per_level in (("mobilenet", 5), ("resnet50", 1)):
         gen = build_model(arch, 128, 0.5, 0.2, anchors=sizes).rpn.anchor_generator
         assert gen.sizes[0] == (sizes if per_level == 5 else sizes[:1])
+
+
+def test_lr_zero_means_the_engines_learning_rate_and_an_explicit_one_wins():
+    from ichflow.tasks.detection.train import DetectionRecipe
+
+    recipe = DetectionRecipe()
+    assert recipe.resolve(DetectionConfig()).lr == 5e-3                      # YOLO's lr0
+    frcnn = recipe.resolve(DetectionConfig(engine="fasterrcnn"))
+    assert frcnn.lr == 1e-3 and frcnn.model == "mobilenet"                   # from scratch it learns at 1e-3 only
+    assert recipe.resolve(DetectionConfig(engine="fasterrcnn", lr=2e-3)).lr == 2e-3

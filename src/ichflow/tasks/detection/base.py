@@ -3,6 +3,7 @@
 An engine is a class with::
 
     name                                       its ``engine`` parameter value
+    default_lr                                 the learning rate of ``lr=0`` (AdamW)
     check(cfg)                                 its own parameter checks (ParameterError / DataError), no work
     slices(cfg, prep) -> DataFrame             the slice table (``dataset.slice_table`` columns) it trains on;
                                                logs its own data params / artifacts

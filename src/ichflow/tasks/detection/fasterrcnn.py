@@ -235,6 +235,7 @@ class FasterRCNNEngine:
     """torchvision Faster R-CNN on the engine's slice cache, fitted by the engine's Trainer."""
 
     name = "fasterrcnn"
+    default_lr = 1e-3
 
     @staticmethod
     def check(cfg) -> None:

@@ -18,7 +18,7 @@ from ichflow.paths import MODEL_CONFIG
 from ichflow.tasks.common import run_folder
 from ichflow.tasks.detection import report
 from ichflow.tasks.detection.config import PRESETS, DetectionConfig
-from ichflow.tasks.detection.engines import engine_class
+from ichflow.tasks.detection.engines import ENGINES, engine_class
 from ichflow.tasks.detection.metrics import best_conf_threshold, predictions_frame, slice_scores
 from ichflow.tasks.recipe import TaskRecipe, run_task
 from ichflow.tasks.spec import TASKS
@@ -36,7 +36,9 @@ class DetectionRecipe(TaskRecipe):
 
     def resolve(self, cfg: DetectionConfig) -> DetectionConfig:
         if cfg.engine == "fasterrcnn" and cfg.model == "n":  # the default model param means the light backbone
-            return dataclasses.replace(cfg, model="mobilenet")
+            cfg = dataclasses.replace(cfg, model="mobilenet")
+        if cfg.lr == 0 and cfg.engine in ENGINES:
+            cfg = dataclasses.replace(cfg, lr=ENGINES[cfg.engine].default_lr)
         return cfg
 
     def validate(self, cfg: DetectionConfig) -> None:

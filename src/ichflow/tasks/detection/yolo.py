@@ -251,6 +251,7 @@ class YoloEngine:
     """Ultralytics YOLOv8 on the exported YOLO dataset (``dataset.export_yolo``)."""
 
     name = "yolo"
+    default_lr = 5e-3
 
     @staticmethod
     def check(cfg) -> None:
