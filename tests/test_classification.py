@@ -169,6 +169,19 @@ def test_scan_context_averages_neighbours_within_a_scan_only():
     assert out["score"].tolist() == pytest.approx([0.6, 0.0, 0.3, 1.0, 1.0, 1.0])
 
 
+def test_smooth_rows_keeps_the_order_of_the_rows_given():
+    manifest = pd.DataFrame({"patient_id": ["a", "a", "a", "b", "b"], "slice_index": [0, 1, 2, 0, 1]})
+    rows = np.array([2, 3, 0, 4, 1])                           # shuffled, two patients
+    probs = np.array([[0.9, 0.0], [1.0, 1.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.3]])
+    out = sc.smooth_rows(manifest, rows, probs, "mean3")
+    # patient a in axial order: slice 0 = 0.0, 1 = 0.0, 2 = 0.9 (first column)
+    assert out[[2, 4, 0], 0] == pytest.approx([0.0, 0.3, 0.6])
+    assert out[[1, 3], 1] == pytest.approx([1.0, 1.0])    # patient b's two slices never mix with a's
+    np.testing.assert_array_equal(sc.smooth_rows(manifest, rows, probs, "none"), probs)
+    chosen, scores = sc.best_scan_context("auto", lambda c: float("nan") if c == "mean5" else len(c))
+    assert chosen == "mean3" and np.isnan(scores["mean5"])   # NaN never wins; ties: the first listed
+
+
 def test_auto_scan_context_is_chosen_on_validation_scores():
     rng = np.random.default_rng(0)
     rows = []

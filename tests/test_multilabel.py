@@ -388,6 +388,9 @@ def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered
         assert child.info.status == "FINISHED"
         assert "heldout_macro_auc" in child.data.metrics and "val_macro_auc" in child.data.metrics
         assert [h.step for h in client.get_metric_history(child.info.run_id, "train_loss")] == [0]
+        # the scan context is chosen per fold on its inner validation, never on its held-out fold
+        assert child.data.params["scan_context_used"] in sc.SCAN_CONTEXT
+        assert {f"val_macro_auc_scan_context_{c}" for c in sc.SCAN_CONTEXT} <= set(child.data.metrics)
     m = parent.data.metrics
     for key in ("cv_macro_auc", "cv_macro_auc_sd", "cv_IVH_roc_auc", "cv_IPH_f1", "cv_micro_f1", "test_macro_auc",
                 "test_macro_f1", "val_macro_auc", "oof_macro_auc", "support_IVH_slices", "support_SAH_patients",

@@ -279,13 +279,24 @@ def smooth_along_scan(scores: np.ndarray, context: str) -> np.ndarray:
     return sum(w * padded[i:i + len(scores)] for i, w in enumerate(kernel / kernel.sum()))
 
 
+def smooth_rows(manifest: pd.DataFrame, rows: np.ndarray, scores: np.ndarray, context: str) -> np.ndarray:
+    """Scores (len(rows),) or (len(rows), K) of manifest ``rows`` (whole scans), smoothed scan by scan in axial
+    order and returned in the order of ``rows``."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(SCAN_CONTEXT[context]) == 1:
+        return scores
+    part = manifest.loc[np.asarray(rows), ["patient_id", "slice_index"]].reset_index(drop=True)
+    out = np.empty_like(scores)
+    for _, scan in part.groupby("patient_id", sort=False):
+        order = scan.sort_values("slice_index", kind="stable").index.to_numpy()
+        out[order] = smooth_along_scan(scores[order], context)
+    return out
+
+
 def smooth_frame(frame: pd.DataFrame, context: str, column: str = "score") -> pd.DataFrame:
     """``frame`` (patient_id, slice_index, ``column``; whole scans) with ``column`` smoothed scan by scan."""
-    out = frame.copy()
-    for _, scan in frame.groupby("patient_id", sort=False):
-        order = scan.sort_values("slice_index", kind="stable").index
-        out.loc[order, column] = smooth_along_scan(frame.loc[order, column].to_numpy(), context)
-    return out
+    smoothed = smooth_rows(frame.reset_index(drop=True), np.arange(len(frame)), frame[column].to_numpy(), context)
+    return frame.assign(**{column: smoothed})
 
 
 def choose_scan_context(frame: pd.DataFrame, requested: str) -> tuple[str, dict]:
@@ -293,11 +304,19 @@ def choose_scan_context(frame: pd.DataFrame, requested: str) -> tuple[str, dict]
     on the validation ``frame`` (ties: the narrower kernel, listed first)."""
     from sklearn.metrics import average_precision_score
 
-    candidates = tuple(SCAN_CONTEXT) if requested == "auto" else (requested,)
     if frame["y"].nunique() < 2:
-        return candidates[0], {}
-    scores = {c: float(average_precision_score(frame["y"], smooth_frame(frame, c)["score"])) for c in candidates}
-    return max(candidates, key=lambda c: (scores[c], -candidates.index(c))), scores
+        return ("none" if requested == "auto" else requested), {}
+    return best_scan_context(requested, lambda c: float(average_precision_score(
+        frame["y"], smooth_frame(frame, c)["score"])))
+
+
+def best_scan_context(requested: str, score) -> tuple[str, dict]:
+    """(context, ``score(context)`` of each candidate): ``requested``, or for ``auto`` the best-scoring kernel
+    (NaN scores lose; ties: the narrower kernel, listed first)."""
+    candidates = tuple(SCAN_CONTEXT) if requested == "auto" else (requested,)
+    scores = {c: score(c) for c in candidates}
+    rank = {c: (v if v == v else float("-inf")) for c, v in scores.items()}
+    return max(candidates, key=lambda c: (rank[c], -candidates.index(c))), scores
 
 
 # ------------------------------------------------------------------------------------ thresholds, metrics

@@ -82,7 +82,8 @@ class FoldOutcome:
     thresholds: np.ndarray
     norm: Normalizer
     rows: np.ndarray              # held-out rows
-    probs: np.ndarray             # their probabilities
+    probs: np.ndarray             # their probabilities (smoothed with scan_context)
+    scan_context: str = "none"    # chosen on the inner validation
 
 
 def run_fold(ctx: CVContext, name: str, k: int, val: int, held: int | None, on_epoch_end=None,
@@ -148,15 +149,22 @@ def pos_weight_for(labels: np.ndarray, mode: str, mult: np.ndarray, sample_weigh
 def _score(ctx: CVContext, name: str, model, fit: FitResult, loaders: dict, parts: dict,
            norm: Normalizer) -> FoldOutcome:
     """Per-class thresholds and metrics on the inner validation; held-out metrics at those thresholds."""
-    cfg, y = ctx.cfg, ctx.y
+    cfg, y, manifest = ctx.cfg, ctx.y, ctx.data.manifest
     val_p, _ = sc.predict_probs(model, loaders["val"], ctx.device, ctx.amp)
+    context, candidates = sc.best_scan_context(cfg.scan_context, lambda c: mm.multilabel_metrics(
+        y[parts["val"]], sc.smooth_rows(manifest, parts["val"], val_p, c), [0.5] * len(ctx.classes),
+        ctx.classes)["macro_auc"])
+    mlflow.log_param("scan_context_used", context)
+    mlflow.log_metrics(finite({f"val_macro_auc_scan_context_{c}": v for c, v in candidates.items()}))
+    val_p = sc.smooth_rows(manifest, parts["val"], val_p, context)
     thresholds = sc.per_class_thresholds(y[parts["val"]], val_p, cfg.threshold_goal, cfg.target_recall)
     val_m = mm.multilabel_metrics(y[parts["val"]], val_p, thresholds, ctx.classes)
     held_p, held_m = np.zeros((0, len(ctx.classes)), np.float32), {}
     if len(parts["heldout"]):
         held_p, _ = sc.predict_probs(model, loaders["heldout"], ctx.device, ctx.amp)
+        held_p = sc.smooth_rows(manifest, parts["heldout"], held_p, context)
         held_m = mm.multilabel_metrics(y[parts["heldout"]], held_p, thresholds, ctx.classes)
-    return FoldOutcome(name, fit, val_m, held_m, thresholds, norm, parts["heldout"], held_p)
+    return FoldOutcome(name, fit, val_m, held_m, thresholds, norm, parts["heldout"], held_p, context)
 
 
 def _log_outcome(ctx: CVContext, o: FoldOutcome) -> None:

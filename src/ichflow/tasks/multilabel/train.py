@@ -60,7 +60,7 @@ class MultilabelRecipe(TaskRecipe):
         validate_labels(self.classes, cfg.dataset)
         self.mult = parse_multipliers(cfg.pos_weight_multipliers, len(self.classes))
         for name, choices in (("pos_weight", POS_WEIGHTS), ("sampler", SAMPLERS), ("final_model", FINAL_MODELS),
-                              ("threshold_goal", sc.THRESHOLD_GOALS)):
+                              ("threshold_goal", sc.THRESHOLD_GOALS), ("scan_context", sc.SCAN_CONTEXT_CHOICES)):
             check_choice(name, getattr(cfg, name), choices)
         if cfg.n_folds < 3:
             raise ParameterError("n_folds", f"must be at least 3 (train, inner validation and held-out folds); "
@@ -158,7 +158,7 @@ class MultilabelRecipe(TaskRecipe):
         config = {"task": self.spec.name, "model": cfg.model, "in_channels": cfg.in_channels,
                   "image_size": cfg.image_size, "classes": self.classes,
                   "thresholds": [float(t) for t in self.final.thresholds], "norm_mean": self.final.norm.mean,
-                  "norm_std": self.final.norm.std, "final_model": self.chosen, "cv_digest": self.cv_digest}
+                  "norm_std": self.final.norm.std, "scan_context": self.final.scan_context, "final_model": self.chosen, "cv_digest": self.cv_digest}
         example = sc.example_scan(self.ctx.data.manifest, np.nonzero(self.ctx.fold_of_row >= 0)[0])
         return sc.log_slice_model(model, config, run_folder(), example,
                                   self.spec.registered_name if cfg.register else None,
