@@ -377,7 +377,7 @@ TINY = MultilabelConfig(synthetic_patients=12, n_folds=3, image_size=64, epochs=
 
 @pytest.mark.slow
 def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered_model(synthetic_ctich):
-    result = train_multilabel(TINY)
+    result = train_multilabel(dataclasses.replace(TINY, scan_context="auto"))
     client = mlflow.MlflowClient()
     parent = client.get_run(result["run_id"])
     assert parent.info.status == "FINISHED"

@@ -48,8 +48,9 @@ class MultilabelConfig(TrainConfig):
     pos_weight_multipliers: str = ""  # per-class factors on pos_weight, e.g. "1,2,0.5" ('' = all 1)
     sampler: str = "none"             # none | balanced (half of each batch has a bleed of a selected class)
     steps_per_epoch: int = 0          # 0 = one pass over the training slices
-    scan_context: str = "auto"        # probabilities averaged over axial neighbours: none | mean3 | tri5 | mean5;
+    scan_context: str = "none"        # probabilities averaged over axial neighbours: none | mean3 | tri5 | mean5;
                                       # auto = per fold, the kernel with the best inner-validation macro-AUC
+                                      # (on CT-ICH it did not raise the out-of-fold AUC: reports/multilabel_ctich.md)
     threshold_goal: str = "f1"        # per class on inner validation: f1 | recall (>= target_recall)
     target_recall: float = 0.9
     final_model: str = "best_fold"    # best_fold | refit (see the package doc)
