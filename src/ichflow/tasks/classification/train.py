@@ -82,8 +82,7 @@ class ClassificationRecipe(TaskRecipe):
                             train_loader, evaluate, on_epoch_end)
 
     def select(self, cfg: ClassificationConfig, fit) -> dict:
-        self.scan_context = "none"
-        raw = self.predictions("val")
+        raw = self.raw_predictions("val")
         self.scan_context, candidates = sc.choose_scan_context(raw, cfg.scan_context)
         mlflow.log_metrics({f"val_pr_auc_scan_context_{c}": v for c, v in candidates.items()}, step=fit.epochs_run)
         mlflow.log_param("scan_context_used", self.scan_context)
@@ -94,11 +93,13 @@ class ClassificationRecipe(TaskRecipe):
         mlflow.log_dict({"threshold": self.threshold, **info}, eval_artifact("val", "threshold", "json"))
         return {"threshold": self.threshold, "scan_context": self.scan_context}
 
-    def predictions(self, split: str):
-        """Scores of ``split``'s slices, smoothed along each scan as the served model does (once chosen)."""
+    def raw_predictions(self, split: str):
         probs, _ = sc.predict_probs(self.model, self.loaders[split], self.device, self.amp)
-        frame = prediction_frame(self.manifest, self.rows[split], self.y, probs[:, 0])
-        return sc.smooth_frame(frame, self.scan_context)
+        return prediction_frame(self.manifest, self.rows[split], self.y, probs[:, 0])
+
+    def predictions(self, split: str):
+        """Scores of ``split``'s slices, smoothed along each scan with the chosen context, as the served model does."""
+        return sc.smooth_frame(self.raw_predictions(split), self.scan_context)
 
     def report(self, cfg: ClassificationConfig, split: str, step: int) -> dict:
         frame = self.frames[split] if split in self.frames else self.predictions(split)

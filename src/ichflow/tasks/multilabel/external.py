@@ -86,9 +86,10 @@ def patient_cis(y: np.ndarray, p: np.ndarray, thresholds, classes: list[str], pi
 
 def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     """Log the subtype metric set of ``model`` (a LoadedModel) on ``part`` as ``<prefix>_*``."""
-    check_data(model, part)
     classes, thresholds = _classes_and_thresholds(model)
-    frame, p = served_probabilities(model.pyfunc, with_derived(part, classes), classes)
+    part = with_derived(part, classes)
+    check_data(model, part)
+    frame, p = served_probabilities(model.pyfunc, part, classes)
     y = frame[classes].astype("Float64").fillna(0).to_numpy(dtype=np.float32)
     pred = p >= thresholds[None, :]
     pids = frame["patient_id"].to_numpy()
