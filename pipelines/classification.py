@@ -4,8 +4,7 @@ Synthetic phantom by default; ``--data_dir ../shared/phe-sich-ct-ids --preset ph
 """
 
 import ichflow  # noqa: F401  (offline environment first)
-from ichflow.cli import main_guard
-from ichflow.tasks.classification import ClassificationConfig, train_classification
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(train_classification, ClassificationConfig)
+    run_entry_point("classification")

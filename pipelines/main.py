@@ -3,10 +3,8 @@
 Each step runs as a child run of this run, so the MLflow UI shows one pipeline with its steps.
 """
 
-
-import ichflow  # noqa: F401
-from ichflow.cli import main_guard
-from ichflow.pipeline import PipelineConfig, run_pipeline
+import ichflow  # noqa: F401  (offline environment first)
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(run_pipeline, PipelineConfig)
+    run_entry_point("main")

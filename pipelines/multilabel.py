@@ -5,8 +5,7 @@ Synthetic phantom with subtype labels by default; ``--data_dir ../shared/ct-ich 
 """
 
 import ichflow  # noqa: F401  (offline environment first)
-from ichflow.cli import main_guard
-from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(train_multilabel, MultilabelConfig)
+    run_entry_point("multilabel")

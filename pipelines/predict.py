@@ -1,8 +1,7 @@
 """Entry point ``predict``: masks / boxes / overlays and a CSV of slice scores from a registered model."""
 
-import ichflow  # noqa: F401
-from ichflow.cli import main_guard
-from ichflow.serving import PredictConfig, run_predict
+import ichflow  # noqa: F401  (offline environment first)
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(run_predict, PredictConfig)
+    run_entry_point("predict")

@@ -1,8 +1,7 @@
 """Entry point ``promote``: compare a candidate with @champion and move the aliases (audit on the version)."""
 
-import ichflow  # noqa: F401
-from ichflow.cli import main_guard
-from ichflow.registry import PromoteConfig, run_promote
+import ichflow  # noqa: F401  (offline environment first)
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(run_promote, PromoteConfig)
+    run_entry_point("promote")

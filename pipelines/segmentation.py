@@ -1,8 +1,7 @@
 """Entry point ``segmentation``: PHE (edema) segmentation, trained, evaluated and registered in MLflow."""
 
 import ichflow  # noqa: F401  (offline environment first)
-from ichflow.cli import main_guard
-from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(train_segmentation, SegmentationConfig)
+    run_entry_point("segmentation")

@@ -1,8 +1,7 @@
 """Entry point ``tune``: an Optuna study over one task, trials as child runs of this run."""
 
-import ichflow  # noqa: F401
-from ichflow.cli import main_guard
-from ichflow.tuning import TuneConfig, run_tune
+import ichflow  # noqa: F401  (offline environment first)
+from ichflow.entrypoints import run_entry_point
 
 if __name__ == "__main__":
-    main_guard(run_tune, TuneConfig)
+    run_entry_point("tune")

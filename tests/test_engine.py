@@ -4,6 +4,8 @@ A real (tiny) torch model trained by the real Trainer; the validation score per 
 test knows which epoch is best.
 """
 
+import io
+import sys
 import time
 
 import pytest
@@ -113,3 +115,33 @@ def test_warmup_cosine_rises_then_decays_to_zero():
         sched.step()
     assert lrs[0] == pytest.approx(0.1) and max(lrs) == pytest.approx(1.0) and lrs.index(1.0) == 9
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 0.01
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _fit_with_bars(stderr, monkeypatch) -> str:
+    monkeypatch.setattr(sys, "stderr", stderr)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    trainer = Trainer(model, adamw(model, lr=0.1, weight_decay=0.0), default_loss(torch.nn.MSELoss()),
+                      torch.device("cpu"), log_to_mlflow=False, progress=True)
+    trainer.fit(_loader(), Scripted([0.1, 0.5, 0.3]), max_epochs=3, monitor="val_score", patience=5)
+    return stderr.getvalue()
+
+
+def test_without_a_terminal_no_bar_is_drawn_and_each_epoch_is_one_line(monkeypatch):
+    err = _fit_with_bars(io.StringIO(), monkeypatch)
+    assert "\r" not in err and "it/s" not in err and "batch/s" not in err
+    lines = err.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["epoch 0", "epoch 1", "epoch 2"]
+    assert lines[1].startswith("epoch 1: train_loss ") and "val_score 0.5000 (best)" in lines[1]
+    assert "(best)" not in lines[2] and lines[2].endswith(" s")
+
+
+def test_on_a_terminal_the_bar_is_drawn_and_the_epoch_lines_stay(monkeypatch):
+    err = _fit_with_bars(_Terminal(), monkeypatch)
+    assert "\r" in err and "batch/s" in err
+    assert len([line for line in err.replace("\r", "\n").splitlines() if "train_loss" in line]) == 3

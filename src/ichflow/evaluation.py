@@ -35,27 +35,19 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from ichflow.configs import PATIENTS, EvaluateConfig
 from ichflow.data.splits import subset
 from ichflow.engine.modelio import verified_download
 from ichflow.errors import DataError, ParameterError, UserError, check_choice
 from ichflow.paths import default_data_dir
 from ichflow.prepare import DATASETS, DataConfig, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.spec import TASKS, task_spec
-from ichflow.tracking import log_params_once, task_run
+from ichflow.tracking import effective_params, log_params_once, task_run
 
 log = logging.getLogger(__name__)
 
-PATIENTS = ("all", "test")
 PREFIX = "eval"
 _DATA_FIELDS = {f.name: f for f in dataclasses.fields(DataConfig)}
-
-
-@dataclass
-class EvaluateConfig(DataConfig):
-    """Evaluate a registered model on a labelled data folder: the task's metrics (eval_*) and figures."""
-
-    model_uri: str = "models:/ich-segmentation@champion"
-    patients: str = "all"         # all = every patient | test = the test part of the patient-level split
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -68,7 +60,7 @@ class LoadedModel:
     run_id: str                   # the run that logged it ('' when unknown)
     name: str = ""                # registered name, when the URI is a models:/ URI
     version: str = ""
-    train_params: dict = dataclasses.field(default_factory=dict)   # params of the training run, if reachable
+    train_params: dict = dataclasses.field(default_factory=dict)   # what the training run used, if reachable
 
     def unwrap(self):
         """The ichflow PythonModel behind the pyfunc (None when it cannot be unwrapped)."""
@@ -103,7 +95,7 @@ def load_model(model_uri: str) -> LoadedModel:
                          name=name, version=version)
     if loaded.run_id:
         try:
-            loaded.train_params = dict(mlflow.MlflowClient().get_run(loaded.run_id).data.params)
+            loaded.train_params = effective_params(mlflow.MlflowClient().get_run(loaded.run_id).data.params)
         except MlflowException:
             log.info("training run %s of %s is not in this tracking store: task defaults are used", loaded.run_id, uri)
     return loaded
@@ -222,20 +214,19 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------ promotion hook
 def _param(params: dict, key: str):
-    """A data parameter of a training run: the preset's effective value first, '' for MLflow's "''"."""
-    value = params.get(f"preset.{key}", params.get(key))
-    if value is None:
+    """A data parameter of a training run (``effective_params``); the default where it was not logged."""
+    value = params.get(key)
+    if value is None or (value == "" and _DATA_FIELDS[key].default != ""):
         return _DATA_FIELDS[key].default
     value = str(value)
-    if value in ("''", '""'):
-        value = ""
     typ = type(_DATA_FIELDS[key].default)
     return int(float(value)) if typ is int else float(value) if typ is float else value
 
 
 def data_config_from_run(run) -> DataConfig:
     """The DataConfig a training run read its data with, from its logged params."""
-    return DataConfig(**{k: _param(run.data.params, k) for k in _DATA_FIELDS})
+    params = effective_params(run.data.params)
+    return DataConfig(**{k: _param(params, k) for k in _DATA_FIELDS})
 
 
 def rebuilt_split(task: str, run) -> Prepared:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ichflow.data import windows
+
 VERDICTS = {"promoted": "PROMOTED to @champion", "rejected": "not promoted (kept as @challenger)",
             "below_floor": "not promoted: below the quality floor (no alias)",
             "degenerate": "not promoted: degenerate model (no alias)"}
@@ -39,8 +41,15 @@ def comparison_table(decision) -> list[str]:
     return rows
 
 
-def version_description(decision) -> str:
-    """The version page: the decision first, then why, on what, and the test split for information."""
+def input_line(meta: dict) -> str:
+    """What the model takes, with the HU window its 8-bit slices were made with (its metadata ``window``)."""
+    return (f"Input: the 8-bit axial slices of one scan windowed with {windows.from_metadata(meta)}; "
+            "`predict` applies this window itself to DICOM series and NIfTI volumes in HU.")
+
+
+def version_description(decision, meta: dict | None = None) -> str:
+    """The version page: the decision first, then why, on what, the test split for information, and the input
+    the model expects (``meta``: its MLmodel metadata)."""
     lines = [f"**Decision: {VERDICTS.get(decision.decision, decision.decision)}** — {decision.reason}", "",
              f"Rule {_rule_text(decision.rule)}.", ""]
     lines += comparison_table(decision)
@@ -52,6 +61,8 @@ def version_description(decision) -> str:
             f"{k} {_num(decision.report_metrics[k])} {_ci(decision.report_metrics, k)}".rstrip() for k in report)]
     lines += ["", f"Data: split digest `{decision.split_digest or 'unknown'}`; training run "
                   f"`{decision.candidate_run_id}`; decided {decision.time}."]
+    if meta is not None:
+        lines += ["", input_line(meta)]
     return "\n".join(lines)
 
 

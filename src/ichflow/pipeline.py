@@ -9,11 +9,11 @@ experiment of its task (``ichflow-<task>``) and the pipeline run records the ste
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 
+from ichflow.configs import PipelineConfig
 from ichflow.errors import ParameterError, UserError
 from ichflow.tasks.spec import TASKS
 from ichflow.tracking import log_params_once, task_run
@@ -49,16 +49,6 @@ TINY = {
     "tune": {"task": "classification", "n_trials": 2, "overrides": "epochs=1,image_size=64,n_boot=50"},
 }
 PROFILES = {"true": QUICK, "tiny": TINY, "false": {}}
-
-
-@dataclass
-class PipelineConfig:
-    """Everything end to end on one data folder (default: the synthetic phantom)."""
-
-    data_dir: str = ""
-    dataset: str = "auto"
-    quick: str = "true"         # true: short schedules (the embedded default); tiny: smoke-test schedules;
-    #                             false: each entry point's own defaults
 
 
 def profile(quick) -> dict:

@@ -15,11 +15,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from ichflow.data import ctich, phe
+from ichflow.data import ctich, phe, phe_nifti
 from ichflow.data.manifest import save_manifest
 from ichflow.data.report import ValidationReport
 from ichflow.data.splits import split_patients
 from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
+from ichflow.configs import DataConfig
 from ichflow.engine.files import atomic_dir
 from ichflow.errors import DataError, ParameterError, check_choice, check_range
 from ichflow.paths import default_data_dir, prepared_dir
@@ -27,22 +28,8 @@ from ichflow.tracking import frame_digest, log_dataset_inputs, log_params_once, 
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("auto", "phe", "ctich", "synthetic", "synthetic-ctich")
-READERS = {"phe": phe.read_phe, "ctich": ctich.read_ctich}
-
-
-@dataclass
-class DataConfig:
-    """Which data to read and how to split it by patient."""
-
-    data_dir: str = ""            # '' -> $ICHFLOW_DATA_DIR, else the synthetic phantom
-    dataset: str = "auto"         # auto (from data_dir's layout) | phe | ctich | synthetic | synthetic-ctich
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    n_folds: int = 5
-    split_seed: int = 42
-    synthetic_patients: int = 12
-    synthetic_slices: int = 12
+DATASETS = ("auto", "phe", "phe_nifti", "ctich", "synthetic", "synthetic-ctich")
+READERS = {"phe": phe.read_phe, "phe_nifti": phe_nifti.read_phe_nifti, "ctich": ctich.read_ctich}
 
 
 @dataclass
@@ -87,7 +74,7 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
     validate_data_config(cfg)
     data_dir = cfg.data_dir or (default_data_dir() if not cfg.dataset.startswith("synthetic") else "")
     if cfg.dataset.startswith("synthetic") or not data_dir:
-        if cfg.dataset in ("phe", "ctich"):
+        if cfg.dataset in ("phe", "phe_nifti", "ctich"):
             raise DataError("data_dir", f"dataset={cfg.dataset} needs a data folder: pass data_dir or set "
                                         "ICHFLOW_DATA_DIR")
         variant = "ctich" if cfg.dataset == "synthetic-ctich" else "phe"
@@ -98,6 +85,8 @@ def resolve_source(cfg: DataConfig) -> tuple[str, str, Path]:
     if not folder.is_dir():
         raise DataError(folder, "is a file, not a data folder" if folder.exists() else "data folder does not exist")
     if cfg.dataset == "auto":
+        if phe_nifti.detect(folder) is not None:  # before phe: its find_root also matches NIFIT/set/
+            return "phe_nifti", "real", folder
         if phe.find_root(folder) is not None:
             return "phe", "real", folder
         if ctich.find_root(folder) is not None:

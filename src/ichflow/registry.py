@@ -35,6 +35,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from ichflow import model_pages
+from ichflow.configs import HistoryConfig, PromoteConfig
 from ichflow.engine.modelio import register_verified
 from ichflow.errors import ParameterError, UserError
 from ichflow.paths import work_dir
@@ -240,6 +241,14 @@ def _move_aliases(client, decision: Decision, champ) -> None:
         client.set_registered_model_alias(name, "challenger", decision.candidate_version)
 
 
+def _model_metadata(name: str, version: str) -> dict:
+    """The MLmodel metadata of a registered version (only the MLmodel file is read)."""
+    try:
+        return dict(mlflow.models.get_model_info(f"models:/{name}/{version}").metadata or {})
+    except (MlflowException, OSError):
+        return {}
+
+
 def _with_ci(keys) -> list[str]:
     return [k for key in keys for k in (key, f"{key}_ci_low", f"{key}_ci_high")]
 
@@ -252,7 +261,8 @@ def _record(client, decision: Decision) -> Decision:
                                  json.dumps(asdict(decision), sort_keys=True, default=list))
     client.set_model_version_tag(name, version, "ichflow.decision", decision.decision)
     client.set_model_version_tag(name, version, "ichflow.reason", decision.reason[:5000])
-    client.update_model_version(name, version, description=model_pages.version_description(decision))
+    client.update_model_version(name, version, description=model_pages.version_description(
+        decision, _model_metadata(name, version)))
     champ = _alias(client, name, "champion")
     headline = _metrics(client, champ.run_id, [decision.rule["primary"], *_with_ci(decision.rule["report"][:1])]) \
         if champ else {}
@@ -271,16 +281,6 @@ def promotion_history(model_name: str) -> list[dict]:
             if key.startswith(TAG_PREFIX):
                 events.append(json.loads(value))
     return sorted(events, key=lambda e: e["time"])
-
-
-@dataclass
-class PromoteConfig:
-    """Promote a candidate (a run, or the refit of a study's best trial) if it beats @champion."""
-
-    task: str = "segmentation"
-    run_id: str = ""
-    study_name: str = ""     # '' with no run_id -> the newest tune run of this task
-    rule: str = ""           # rule file; '' -> registry/<task>.py
 
 
 def candidate_from_study(task: str, study_name: str = "") -> str:
@@ -324,13 +324,6 @@ def console_line(decision: Decision) -> str:
         return f"{where} PROMOTED to @champion: {decision.reason}"
     alias = "kept as @challenger" if decision.decision == "rejected" else "registered without an alias"
     return f"{where} NOT PROMOTED ({decision.decision}, {alias}): {decision.reason}"
-
-
-@dataclass
-class HistoryConfig:
-    """Print the promotion log of a registered model."""
-
-    task: str = "segmentation"
 
 
 def run_history(cfg: HistoryConfig) -> list[dict]:

@@ -318,8 +318,8 @@ def log_params_once(params: dict) -> None:
 
     ``mlflow run`` already logged the entry point's -P parameters (its own rendering of them, e.g. "''"
     for an empty string); logging them again with another rendering is an error in MLflow.
-    A value that differs from the logged one (a preset filled in a field the command line left at its
-    default) is logged as ``resolved.<name>``, so the run shows what actually ran.
+    A value that differs from the logged one (the default or the preset's value of a field the command line
+    left empty) is logged as ``resolved.<name>``, so the run shows what actually ran.
     """
     run = mlflow.active_run()
     existing = mlflow.get_run(run.info.run_id).data.params if run else {}
@@ -328,6 +328,19 @@ def log_params_once(params: dict) -> None:
                   if k in existing and not same_param(existing[k], v) and f"resolved.{k}" not in existing})
     if fresh:
         mlflow.log_params(fresh)
+
+
+def effective_params(params: dict) -> dict[str, str]:
+    """What ran, by plain name, from a run's logged params: ``preset.<name>``, else ``resolved.<name>``, else
+    ``<name>`` (MLflow's "''" read as ''). ``mlflow run`` logs '' for a field the command line left to the
+    config's default or preset; the value the run used is logged under one of the prefixed names."""
+    plain = {k: v for k, v in params.items() if not k.startswith(("preset.", "resolved."))}
+    out = {**plain, **_prefixed(params, "resolved."), **_prefixed(params, "preset.")}
+    return {k: "" if str(v).strip() in ("''", '""') else v for k, v in out.items()}
+
+
+def _prefixed(params: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
 
 
 def same_param(logged: str, value) -> bool:

@@ -37,14 +37,14 @@ import socket
 import time
 import typing
 import warnings
-from dataclasses import dataclass
 
 import mlflow
 import optuna
 from optuna.storages import JournalStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 
-from ichflow.cli import die_with_parent, install_signal_handlers
+from ichflow.cli import die_with_parent, install_signal_handlers, mark_given
+from ichflow.configs import PRUNERS, TuneConfig
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
@@ -53,27 +53,6 @@ from ichflow.tracking import (FAILURE_TAG, StoreError, close_interrupted_run, lo
                               process_tags, reuse_active_run, task_run)
 
 log = logging.getLogger(__name__)
-
-
-
-@dataclass
-class TuneConfig:
-    """An Optuna study over one task."""
-
-    task: str = "segmentation"
-    n_trials: int = 12
-    study_name: str = ""           # '' -> ichflow-<task>; the same name resumes the study
-    storage: str = ""              # '' -> journal file work/optuna/<study>.journal; or an RDB URL
-    n_workers: int = 1             # trial processes against the same storage
-    timeout_min: float = 0.0       # 0 = no time limit (per worker)
-    pruner: str = "median"         # median | hyperband | none
-    space: str = ""                # search-space file; '' -> tuning/<task>.py
-    seed: int = 0                  # sampler seed (worker k uses seed + k)
-    data_dir: str = ""
-    dataset: str = "auto"
-    overrides: str = ""            # extra fixed task params for every trial: "epochs=3,batch_size=4"
-    refit_best: bool = True        # retrain the best params once with the test split + registration
-    heartbeat_s: int = 60          # Optuna heartbeat of running trials (stale after 2x); 0 = off
 
 
 def load_space(task: str, path: str = ""):
@@ -119,6 +98,17 @@ def _typed(key: str, value: str, typ: type):
             raise ParameterError("overrides", f"{key}={value!r}: expected an integer")
         return typ(number)
     return value
+
+
+def data_values(cfg: TuneConfig) -> dict:
+    """The data parameters tune passes to every trial: those not left to the task ('' / auto), so a preset
+    given in ``overrides`` still picks its dataset."""
+    return {k: getattr(cfg, k) for k in ("data_dir", "dataset") if getattr(cfg, k) not in ("", "auto")}
+
+
+def trial_config(config_cls, values: dict):
+    """The task config of a trial; ``values`` count as given, so a preset in ``overrides`` fills only the rest."""
+    return mark_given(config_cls(**values), values)
 
 
 def storage_url(cfg: TuneConfig, study_name: str) -> str:
@@ -230,9 +220,6 @@ def _find_trial_run(study_name: str, number: int) -> str:
     return runs[0].info.run_id if runs else ""
 
 
-PRUNERS = ("median", "hyperband", "none")
-
-
 def make_pruner(name: str, max_epochs: int):
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
@@ -249,13 +236,12 @@ _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, experiment_id: str):
     config_cls, train_fn = task_parts(cfg.task)
     space = load_space(cfg.task, cfg.space)
-    base = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED,
+    base = {**data_values(cfg), **space.FIXED,
             **parse_overrides(cfg.overrides, config_cls)}
 
     def objective(trial: optuna.Trial) -> float:
         params = space.suggest(trial)
-        task_cfg = dataclasses.replace(config_cls(), **{**base, **params, "evaluate_test": False,
-                                                        "register": False})
+        task_cfg = trial_config(config_cls, {**base, **params, "evaluate_test": False, "register": False})
         tags = {"optuna.study": study_name, "optuna.trial": str(trial.number),
                 "ichflow.worker": f"{socket.gethostname()}:{os.getpid()}", **process_tags()}
         retried = trial.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
@@ -386,12 +372,12 @@ def check_trial_config(cfg: TuneConfig, config_cls, space, overrides: dict) -> N
     if unknown:
         raise ParameterError("space", f"{space.SOURCE} suggests {unknown}, which {config_cls.__name__} has no "
                                       f"parameter for (a search space of another task?)")
-    values = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED, **overrides, **params,
+    values = {**data_values(cfg), **space.FIXED, **overrides, **params,
               "evaluate_test": False, "register": False}
     recipe_cls = next(c for c in _all_subclasses(TaskRecipe) if getattr(c, "spec", None) is not None
                       and c.spec.name == cfg.task)
     try:
-        recipe_cls().checked(dataclasses.replace(config_cls(), **values))
+        recipe_cls().checked(trial_config(config_cls, values))
     except ParameterError as exc:
         source = "overrides" if exc.name in overrides else "space" if exc.name in params else exc.name
         raise ParameterError(source, exc.problem if source == exc.name else f"{exc.name}: {exc.problem}") from None
@@ -521,14 +507,14 @@ def refit_best(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, experim
     config_cls, train_fn = task_parts(cfg.task)
     space = load_space(cfg.task, cfg.space)
     best = study.best_trial
-    fixed = {"data_dir": cfg.data_dir, "dataset": cfg.dataset, **space.FIXED, **parse_overrides(cfg.overrides, config_cls)}
+    fixed = {**data_values(cfg), **space.FIXED, **parse_overrides(cfg.overrides, config_cls)}
     # replay the search space on the best values: derived params (e.g. joined pos_weight multipliers) come back
     params = space.suggest(optuna.trial.FixedTrial(best.params))
     for key, val in best.user_attrs.items():  # thresholds found on val predictions, e.g. best_conf_threshold
         field = key[len("best_"):]
         if key.startswith("best_") and field in {f.name for f in dataclasses.fields(config_cls)}:
             params[field] = val
-    task_cfg = dataclasses.replace(config_cls(), **{**fixed, **params, "evaluate_test": True, "register": True})
+    task_cfg = trial_config(config_cls, {**fixed, **params, "evaluate_test": True, "register": True})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"best-trial-{best.number:03d}-refit",
                           parent_run_id=parent_run_id, nested=True,
                           tags={"optuna.study": study.study_name, "optuna.best_trial": str(best.number),

@@ -2,7 +2,7 @@
 
 Columns
 -------
-dataset        reader that produced the row: ``phe`` or ``ctich``
+dataset        reader that produced the row: ``phe`` (PNG/JPG), ``phe_nifti`` (SubdatasetA volumes) or ``ctich``
 patient_id     patient identifier as in the source (``0013``, ``049``)
 slice_index    axial position within the patient (0-based for PHE, as published for CT-ICH)
 image_path     absolute path of the 8-bit slice
@@ -26,6 +26,7 @@ import pandas as pd
 from ichflow.errors import DataError
 
 SUBTYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")
+MASK_READERS = ("phe", "phe_nifti")   # readers whose manifests carry PHE edema masks
 COLUMNS = (
     "dataset", "patient_id", "slice_index", "image_path", "mask_path", "boxes",
     "has_lesion", "has_mask", "mask_pixels", *SUBTYPES, "width", "height",

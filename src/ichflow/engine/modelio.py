@@ -27,6 +27,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 import ichflow
+from ichflow.data import windows
 from ichflow.errors import DataError, mask_text
 from ichflow.paths import FAILURE_TAG
 
@@ -64,6 +65,8 @@ def log_pyfunc(python_model, artifacts: dict[str, str], signature, input_example
     logged files were verified).
     """
     before = _last_logged_model_id()
+    # every model says which HU window its 8-bit input was made with: ``predict`` windows DICOM/NIfTI scans with it
+    metadata = {"window": windows.PRESETS[windows.DEFAULT].as_dict(), **(metadata or {})}
     try:
         info = mlflow.pyfunc.log_model(
             name=name,

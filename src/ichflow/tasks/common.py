@@ -1,45 +1,26 @@
-"""Pieces every training task shares: the base config, presets, param logging, loaders, run folders."""
+"""Pieces every training task shares: presets, parameter checks and logging, loaders, run folders.
+
+The base config, :class:`~ichflow.configs.TrainConfig`, lives in the light ``ichflow.configs``.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
 
+from ichflow.cli import given_fields
+from ichflow.configs import AMP_MODES, DEVICES
 from ichflow.engine.device import default_workers
 from ichflow.engine.pretrained import PACKAGED_NAMES
 from ichflow.paths import runs_dir
-from ichflow.prepare import DataConfig
 from ichflow.engine.resources import check_training_memory
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.tracking import log_params_once, same_param
 
 
-@dataclass
-class TrainConfig(DataConfig):
-    """Data selection (see DataConfig) plus the knobs every torch task has."""
-
-    preset: str = ""              # named preset (e.g. 'phe'): sets the fields you left at their defaults
-    seed: int = 0
-    device: str = "auto"          # auto | cpu | cuda | mps
-    amp: str = "auto"             # auto (CUDA only) | bf16 | fp16 | off
-    epochs: int = 20
-    patience: int = 8             # early stopping: epochs without improvement of the monitored val metric
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 8
-    aug_strength: float = 0.5     # 0..1, scales every augmentation (Optuna tunes it)
-    in_channels: int = 3          # 1 = the slice, 3 = 2.5D (slice below, slice, slice above)
-    num_workers: int = -1         # DataLoader workers, -1 = automatic
-    register: bool = True         # register the logged model as a new version in the Model Registry
-    evaluate_test: bool = True    # False inside tuning trials: the test split is touched once, for the best
-
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
 SIZE_FIELDS = ("patch_size", "image_size", "imgsz")   # the side of the square a task trains on
 
 
@@ -57,7 +38,7 @@ def validate_train_config(cfg) -> None:
     for name in ("epochs", "patience", "batch_size"):
         check_range(name, getattr(cfg, name), 1)
     pretrained = str(getattr(cfg, "pretrained", "") or "").strip()
-    if pretrained and pretrained not in PACKAGED_NAMES and not Path(pretrained).expanduser().is_file():
+    if pretrained.lower() != "none" and pretrained and pretrained not in PACKAGED_NAMES and not Path(pretrained).expanduser().is_file():
         raise ParameterError("pretrained", f"no weights file at {pretrained!r} (give a local file, packaged weights "
                                            f"{', '.join(PACKAGED_NAMES)}, or leave it empty)")
     size_name = next((n for n in SIZE_FIELDS if hasattr(cfg, n)), None)
@@ -66,14 +47,13 @@ def validate_train_config(cfg) -> None:
 
 
 def apply_preset(cfg, presets: dict[str, dict]):
-    """Return cfg with the preset's values for every field still at its dataclass default."""
+    """Return cfg with the preset's value for every field not given on purpose (``cli.given_fields``)."""
     if not cfg.preset:
         return cfg
     if cfg.preset not in presets:
         raise ParameterError("preset", f"unknown preset {cfg.preset!r}; one of {', '.join(sorted(presets)) or '(none)'}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    changes = {k: v for k, v in presets[cfg.preset].items() if getattr(cfg, k) == defaults[k]}
-    return dataclasses.replace(cfg, **changes)
+    given = given_fields(cfg)
+    return dataclasses.replace(cfg, **{k: v for k, v in presets[cfg.preset].items() if k not in given})
 
 
 def log_config(cfg) -> None:

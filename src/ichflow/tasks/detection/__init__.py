@@ -5,9 +5,17 @@ engines by name in ``engines``); ``slice_metrics`` scores stored predictions at 
 retraining.
 """
 
+from ichflow.cli import lazy_attributes
 from ichflow.tasks.detection.config import PRESETS, DetectionConfig
-from ichflow.tasks.detection.metrics import best_conf_threshold, box_metrics, slice_metrics
-from ichflow.tasks.detection.train import REGISTERED_NAME, train_detection
+from ichflow.tasks.spec import TASKS
+
+REGISTERED_NAME = TASKS["detection"].registered_name
+
+# the trainer imports torch and the metrics pandas: loaded on first use, so parsing a command line imports the
+# config alone
+__getattr__ = lazy_attributes({"train_detection": "ichflow.tasks.detection.train",
+                               **dict.fromkeys(("slice_metrics", "best_conf_threshold", "box_metrics"),
+                                               "ichflow.tasks.detection.metrics")})
 
 __all__ = ["DetectionConfig", "PRESETS", "train_detection", "slice_metrics", "best_conf_threshold", "box_metrics",
            "REGISTERED_NAME"]

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ichflow.tasks.common import TrainConfig
-from ichflow.tasks.detection import engines
+from ichflow.cli import choice
+from ichflow.configs import TrainConfig
 
-ENGINES = tuple(engines.ENGINES)
+ENGINES = ("yolo", "fasterrcnn")   # the names of engines.ENGINES (this module stays free of torch)
+
+PRESETS: dict[str, dict] = {
+    # real PHE-SICH-CT-IDS data at native 512 px: sized for a GPU
+    "phe": {"dataset": "phe", "imgsz": 512, "epochs": 60, "patience": 20, "batch_size": 16},
+    # the same data on a small CPU: 192 px, 30 % of the train negatives, a 10-min training budget
+    "phe-cpu": {"dataset": "phe", "imgsz": 192, "epochs": 12, "patience": 12, "neg_fraction": 0.3,
+                "time_budget_min": 10.0},
+    # Faster R-CNN from scratch on the real data (GPU): its ROI head needs a longer schedule than YOLO
+    "phe-fasterrcnn": {"dataset": "phe", "engine": "fasterrcnn", "model": "mobilenet", "imgsz": 512, "epochs": 80,
+                       "patience": 30, "batch_size": 16},
+}
 
 
 @dataclass
 class DetectionConfig(TrainConfig):
     """Lesion boxes (hematoma + edema) with Ultralytics YOLOv8 or torchvision Faster R-CNN, from scratch."""
 
-    engine: str = "yolo"           # yolo | fasterrcnn
+    preset: str = choice("", PRESETS)  # named preset: sets every parameter you do not give ('' = none)
+    engine: str = choice("yolo", ENGINES)  # detector family
     model: str = "n"               # yolo: n | s | m (yolov8<x>.yaml from scratch), a model .yaml, or a local .pt;
     #                                fasterrcnn: mobilenet (fasterrcnn_mobilenet_v3_large_fpn; also what the
     #                                default 'n' means there) | resnet50
@@ -34,15 +46,3 @@ class DetectionConfig(TrainConfig):
     anchor_sizes: str = "auto"     # fasterrcnn: auto (5 sizes spanning the training boxes) | coco (torchvision's
     #                                32,64,128,256,512) | 5 ascending sizes in px at imgsz, e.g. 8,16,32,64,128
     overlays: int = 8              # test slices drawn with predicted/true boxes
-
-
-PRESETS: dict[str, dict] = {
-    # real PHE-SICH-CT-IDS data at native 512 px: sized for a GPU
-    "phe": {"dataset": "phe", "imgsz": 512, "epochs": 60, "patience": 20, "batch_size": 16},
-    # the same data on a small CPU: 192 px, 30 % of the train negatives, a 10-min training budget
-    "phe-cpu": {"dataset": "phe", "imgsz": 192, "epochs": 12, "patience": 12, "neg_fraction": 0.3,
-                "time_budget_min": 10.0},
-    # Faster R-CNN from scratch on the real data (GPU): its ROI head needs a longer schedule than YOLO
-    "phe-fasterrcnn": {"dataset": "phe", "engine": "fasterrcnn", "model": "mobilenet", "imgsz": 512, "epochs": 80,
-                       "patience": 30, "batch_size": 16},
-}

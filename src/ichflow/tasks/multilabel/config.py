@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ichflow.cli import choice
+from ichflow.configs import TrainConfig
 from ichflow.errors import ParameterError
-from ichflow.tasks.common import TrainConfig
-from ichflow.tasks.multilabel.labels import ANY
 from ichflow.tasks.spec import TASKS
 
 REGISTERED_NAME = TASKS["multilabel"].registered_name
@@ -28,32 +28,35 @@ PRESETS = {
 class MultilabelConfig(TrainConfig):
     """Multi-label subtype classifier (timm CNN, k sigmoid outputs), evaluated by patient-level k-fold CV."""
 
+    preset: str = choice("", PRESETS)  # named preset: sets every parameter you do not give ('' = none)
     dataset: str = "auto"             # auto: data_dir's layout, or synthetic-ctich without data; ctich; csv
                                       # (data_dir = a labels CSV image,<class>,...); synthetic-ctich
     synthetic_patients: int = 20      # phantom when no data_dir: 20 patients x 8 slices, each class in 8 patients
-    synthetic_slices: int = 8
+    synthetic_slices: int = 8         # phantom without data_dir: slices per patient
     classes: str = "IVH,IPH,SAH"      # comma-separated subset of IVH,IPH,SAH,EDH,SDH,any (or the CSV's columns);
                                       # any = any hemorrhage on the slice (labels.py)
     model: str = "resnet10t"          # any timm model; resnet10t: fast, its 3x3 stem keeps thin SAH lines
-    pretrained: str = ""              # '' = from scratch; a local weights file (nothing is downloaded);
+    pretrained: str = ""              # '' or none = from scratch; a local weights file (nothing is downloaded);
                                       # or efficientnet_lite0_imagenet: ImageNet weights shipped in a package,
                                       # with model=tf_efficientnet_lite0
-    image_size: int = 128
+    image_size: int = 128             # slices are resized to image_size x image_size
     batch_size: int = 8
     epochs: int = 18
     patience: int = 8
     lr: float = 3e-3
     aug_strength: float = 0.3
-    pos_weight: str = "prevalence"    # prevalence (negatives / positives in training) | none
+    pos_weight: str = choice("prevalence", POS_WEIGHTS)  # BCE pos_weight per class: prevalence = negatives /
+    #                                                     positives in training; none = plain BCE
     pos_weight_multipliers: str = ""  # per-class factors on pos_weight, e.g. "1,2,0.5" ('' = all 1)
-    sampler: str = "none"             # none | balanced (half of each batch has a bleed of a selected class)
+    sampler: str = choice("none", SAMPLERS)  # balanced: half of each batch has a bleed of a selected class
     steps_per_epoch: int = 0          # 0 = one pass over the training slices
     scan_context: str = "none"        # probabilities averaged over axial neighbours: none | mean3 | tri5 | mean5;
                                       # auto = per fold, the kernel with the best inner-validation macro-AUC
                                       # (on CT-ICH it did not raise the out-of-fold AUC: reports/multilabel_ctich.md)
     threshold_goal: str = "f1"        # per class on inner validation: f1 | recall (>= target_recall)
-    target_recall: float = 0.9
-    final_model: str = "best_fold"    # best_fold | refit (see the package doc)
+    target_recall: float = 0.9        # threshold_goal=recall: the recall each class's threshold must reach
+    final_model: str = choice("best_fold", FINAL_MODELS)  # the registered model: the best fold's, or one more
+    #                                                       trained on all folds but one (see the package doc)
 
 
 def parse_classes(text: str) -> list[str]:
@@ -66,15 +69,16 @@ def parse_classes(text: str) -> list[str]:
 
 
 SUBTYPES = ("IVH", "IPH", "SAH", "EDH", "SDH")        # the CT-ICH subtype columns (a labels CSV may have others)
-CTICH_CLASSES = (*SUBTYPES, ANY)                      # what a CT-ICH-layout dataset can label
-NO_SUBTYPE_LABELS = ("phe", "synthetic")             # datasets whose readers carry no subtype labels
+NO_SUBTYPE_LABELS = ("phe", "phe_nifti", "synthetic")             # datasets whose readers carry no subtype labels
 
 
 def validate_labels(classes: list[str], dataset: str) -> None:
     """The classes exist in the chosen dataset, before it is read (a labels CSV is checked when read)."""
+    from ichflow.tasks.multilabel.labels import ANY   # pandas: not needed to parse a command line
+
     if dataset in NO_SUBTYPE_LABELS:
         raise ParameterError("dataset", f"{dataset!r} has no subtype labels; use ctich, synthetic-ctich, csv or auto")
-    unknown = [c for c in classes if c not in CTICH_CLASSES]
+    unknown = [c for c in classes if c not in (*SUBTYPES, ANY)]   # what a CT-ICH-layout dataset can label
     if dataset in ("ctich", "synthetic-ctich") and unknown:  # auto may be a labels CSV with its own columns
         raise ParameterError("classes", f"{unknown} are not subtypes of CT-ICH ({', '.join(SUBTYPES)}) or "
                                         f"{ANY!r} (any of them); other classes need a labels CSV (dataset=csv)")

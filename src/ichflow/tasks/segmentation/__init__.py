@@ -8,9 +8,12 @@ edge cases), ``evaluate`` (per-split counting), ``report`` (per-split logging an
 served model), ``external`` (metrics of a served model, the ``evaluate`` entry point).
 """
 
+from ichflow.cli import lazy_attributes
 from ichflow.tasks.segmentation.config import PRESETS, SegmentationConfig
-from ichflow.tasks.segmentation.train import train_segmentation
 from ichflow.tasks.spec import TASKS
+
+# the trainer imports torch: loaded on first use, so parsing a command line imports the config alone
+__getattr__ = lazy_attributes({"train_segmentation": "ichflow.tasks.segmentation.train"})
 
 REGISTERED_NAME = TASKS["segmentation"].registered_name
 

@@ -4,25 +4,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from ichflow.cli import choice
+from ichflow.configs import TrainConfig
 from ichflow.errors import ParameterError, check_choice, check_range
-from ichflow.tasks.common import TrainConfig
-from ichflow.tasks.segmentation.data import PAD_MULTIPLE, TTA
-from ichflow.tasks.segmentation.engines import ENGINES
-from ichflow.tasks.segmentation.evaluate import THRESHOLDS
-from ichflow.tasks.segmentation.model import LOSSES, SCHEDULERS
-from ichflow.tasks.segmentation.postprocess import parse_min_voxels
 
 TARGETS = ("phe",)
+
+# Named recipes: ``-P preset=phe`` sets every field not given on the command line.
+PRESETS = {
+    # The real PHE-SICH-CT-IDS data on a 2-core CPU in about 35 min (reports/segmentation_phe.md): the selected
+    # checkpoint with flip TTA and the threshold + minimum component size chosen on val.
+    # On a GPU raise epochs/steps_per_epoch (e.g. -P epochs=40 -P patience=10), or add -P n_folds=5.
+    "phe": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 6, "patience": 3, "time_budget_min": 30.0},
+    # The same recipe stopped after 4 epochs (about 22 min on 2 cores).
+    "phe-quick": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 4, "patience": 3, "time_budget_min": 17.0},
+}
 
 
 @dataclass
 class SegmentationConfig(TrainConfig):
     """PHE segmentation: data selection, model, patch sampling, optimisation and evaluation knobs."""
 
-    target: str = "phe"               # what is segmented: the perihematomal-edema masks
-    engine: str = "smp"               # network family (engines.ENGINES): smp = segmentation-models-pytorch
+    preset: str = choice("", PRESETS)  # named preset: sets every parameter you do not give ('' = none)
+    in_channels: int = choice(3, (1, 3, 5))  # 1 = the slice; 3 / 5 = 2.5D, the slice with 1 / 2 neighbours per side
+    target: str = choice("phe", TARGETS)  # what is segmented: the perihematomal-edema masks
+    engine: str = "smp"               # network family: smp = segmentation-models-pytorch | nnunet = nnU-Net v2 2d
     arch: str = "Unet"                # Unet | UnetPlusPlus | FPN | Segformer (smp)
     encoder: str = "resnet18"         # any smp encoder name (resnet34, efficientnet-b0, ...)
     encoder_weights: str = "none"     # none, or a local weights file (nothing is downloaded)
@@ -35,31 +41,24 @@ class SegmentationConfig(TrainConfig):
     lr: float = 2e-3
     loss: str = "dice+bce"            # '+'-joined: dice, bce, focal, tversky, jaccard, lovasz
     scheduler: str = "cosine"         # cosine (linear warm-up, then cosine) | onecycle | constant
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05     # share of the optimiser steps spent warming the learning rate up
     threshold: str = "auto"           # probability threshold: auto (best mean patient Dice on val) or a number
     tta: str = "flip"                 # test-time augmentation of the selected model: flip (mean with the mirror) | none
     min_component_voxels: str = "auto"  # drop predicted 3D components below this size: auto (chosen on val) | N | 0
     n_folds: int = 1                  # 1: one model (train / val); K >= 2: K patient folds of train+val, an ensemble
-    eval_batch_size: int = 4
+    eval_batch_size: int = 4          # slices per forward pass when whole scans are predicted
     pixel_spacing_mm: float = 0.508   # in-plane pixel size for volumes (PHE-SICH-CT-IDS)
-    slice_thickness_mm: float = 5.0
+    slice_thickness_mm: float = 5.0   # slice thickness for volumes (PHE-SICH-CT-IDS)
     detect_min_pixels: int = 1        # slice-level detection: predicted positive with >= this many pixels
     time_budget_min: float = 0.0      # stop after the epoch when another one would exceed this (0 = no limit)
 
 
-# Named recipes: ``-P preset=phe`` sets every field still at its default.
-PRESETS = {
-    # The real PHE-SICH-CT-IDS data on a 2-core CPU in about 35 min (reports/segmentation_phe.md): the selected
-    # checkpoint with flip TTA and the threshold + minimum component size chosen on val.
-    # On a GPU raise epochs/steps_per_epoch (e.g. -P epochs=40 -P patience=10), or add -P n_folds=5.
-    "phe": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 6, "patience": 3, "time_budget_min": 30.0},
-    # The same recipe stopped after 4 epochs (about 22 min on 2 cores).
-    "phe-quick": {"dataset": "phe", "steps_per_epoch": 400, "epochs": 4, "patience": 3, "time_budget_min": 17.0},
-}
-
-
 def parse_threshold(text) -> float | None:
     """None for 'auto', else a number in (0, 1) on the evaluation grid."""
+    import numpy as np
+
+    from ichflow.tasks.segmentation.evaluate import THRESHOLDS
+
     if str(text).strip().lower() == "auto":
         return None
     try:
@@ -75,6 +74,11 @@ def parse_threshold(text) -> float | None:
 
 def validate(cfg: SegmentationConfig) -> None:
     """Reject bad parameters before anything is read or trained, naming the parameter."""
+    from ichflow.tasks.segmentation.data import PAD_MULTIPLE, TTA   # torch: not needed to parse a command line
+    from ichflow.tasks.segmentation.engines import ENGINES
+    from ichflow.tasks.segmentation.model import LOSSES, SCHEDULERS
+    from ichflow.tasks.segmentation.postprocess import parse_min_voxels
+
     check_choice("target", cfg.target, TARGETS)
     check_choice("engine", cfg.engine, ENGINES)
     check_choice("in_channels", cfg.in_channels, (1, 3, 5))

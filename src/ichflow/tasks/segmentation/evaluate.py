@@ -7,9 +7,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from ichflow.data.images import mask_foreground
+from ichflow.engine.progress import progress as progress_bar
 from ichflow.tasks.segmentation.data import ScanPredictor
 from ichflow.tasks.segmentation.metrics import SplitStats, accumulate, surface_crop
 
@@ -57,8 +57,8 @@ def predict_split(predictor: ScanPredictor, part: pd.DataFrame, images, masks, l
     for m in members:
         m.eval()
     try:
-        for pid, group in tqdm(list(part.groupby("patient_id", sort=True)), desc=desc, leave=False,
-                               disable=not progress, unit="patient"):
+        for pid, group in progress_bar(list(part.groupby("patient_id", sort=True)), desc=desc, leave=False,
+                                       disable=not progress, unit="patient"):
             rows = group.sort_values("slice_index").index.to_numpy()
             slices = np.asarray(images[rows])
             truth = mask_foreground(masks[rows])

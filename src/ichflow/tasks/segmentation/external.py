@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from ichflow.data.manifest import MASK_READERS
 from ichflow.data.images import read_mask
 from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
@@ -54,10 +55,11 @@ def split_stats(model, part: pd.DataFrame, thresholds) -> SplitStats:
 def check_data(model, part: pd.DataFrame) -> None:
     """DataError unless ``part`` holds PHE edema masks (what the model was trained to segment)."""
     readers = sorted(set(part["dataset"].astype(str))) if "dataset" in part.columns else []
-    if readers != ["phe"] or not part["has_mask"].any():
+    foreign = not readers or not set(readers) <= set(MASK_READERS)
+    if foreign or not part["has_mask"].any():
         raise DataError("data", "segmentation evaluation needs PHE edema masks (a PHE-SICH-CT-IDS layout with "
                                 f"label/ masks); this is {'/'.join(readers) or 'unknown'} data"
-                                + ("" if readers != ["phe"] else " without masks"))
+                                + ("" if foreign else " without masks"))
 
 
 def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ichflow.data.manifest import MASK_READERS
 from ichflow.data.splits import subset
 from ichflow.engine import figures
 from ichflow.engine.augment import Normalizer
@@ -97,7 +98,7 @@ class SegmentationRecipe(TaskRecipe):
 
     def prepare(self, cfg: SegmentationConfig):
         prep = prepare_data(cfg)  # refused before its dataset is logged as this task's input
-        if prep.dataset != "phe" or not prep.manifest["has_mask"].any():
+        if prep.dataset not in MASK_READERS or not prep.manifest["has_mask"].any():
             raise DataError(prep.data_root, "segmentation needs PHE edema masks (a PHE-SICH-CT-IDS layout with "
                                             f"label/ masks); this is a {prep.dataset} dataset without masks")
         return prep
