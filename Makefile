@@ -21,7 +21,7 @@ venv: $(VENV)/.installed
 
 ## The main job on the embedded default (synthetic phantom, local sqlite tracking in ./mlflow.db)
 run: $(VENV)/.installed
-	$(BIN)/mlflow run . -e main --env-manager local
+	$(BIN)/mlflow run . -e main --env-manager local --experiment-name ichflow-pipeline
 
 ## The test suite (uses ../shared real data when present)
 test: $(VENV)/.installed

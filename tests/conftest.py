@@ -20,9 +20,11 @@ CTICH_DIR = SHARED / "ct-ich"
 def isolated_env(tmp_path_factory):
     """Every test session gets its own work dir and sqlite tracking store; nothing leaks into the repo."""
     base = tmp_path_factory.mktemp("ichflow")
-    old = {k: os.environ.get(k) for k in ("ICHFLOW_WORK_DIR", "MLFLOW_TRACKING_URI", "ICHFLOW_DATA_DIR")}
+    old = {k: os.environ.get(k) for k in ("ICHFLOW_WORK_DIR", "MLFLOW_TRACKING_URI", "ICHFLOW_DATA_DIR",
+                                          "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")}
     os.environ["ICHFLOW_WORK_DIR"] = str(base / "work")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{base / 'mlflow.db'}"
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"   # tiny training runs get system/* samples too
     os.environ.pop("ICHFLOW_DATA_DIR", None)
     import mlflow
 

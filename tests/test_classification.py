@@ -225,8 +225,10 @@ def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic
     assert [h.step for h in history] == [0, 1]
     arts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     for name in ("test_confusion.png", "test_patient_confusion.png", "test_roc_pr.png", "test_gradcam.png",
-                 "val_confusion.png", "training_loss_curves.png", "training_val_curves.png"):
+                 "val_confusion.png"):
         assert f"figures/{name}" in arts
+    # the per-epoch curves are MLflow's own metric charts: no PNG duplicates them
+    assert not [a for a in arts if a.startswith("figures/training_")], arts
     evals = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "eval")}
     assert {"eval/test_classification_report.txt", "eval/val_threshold.json", "eval/test_predictions.csv",
             "eval/val_predictions.csv"} <= evals
@@ -246,6 +248,24 @@ def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic
     assert ((out["has_lesion_probability"] >= thr).astype(int) == out["has_lesion"]).all()
     assert run.data.params["scan_context_used"] in sc.SCAN_CONTEXT
     assert any(k.startswith("val_pr_auc_scan_context_") for k in m)
+
+
+@pytest.mark.slow
+def test_tiny_run_page_name_description_and_system_metrics(tiny_model, shared_store):
+    """What the MLflow UI shows on the run: a descriptive name, the description, MLflow's system metrics."""
+    result = tiny_model("classification")
+    run = mlflow.MlflowClient().get_run(result["run_id"])
+    assert run.info.run_name == "classification-resnet18"
+    note = run.data.tags["mlflow.note.content"]
+    m = run.data.metrics
+    assert f"| f1 | {m['val_f1']:.3f}" in note and f"{m['test_f1']:.3f} [{m['test_f1_ci_low']:.3f}, " in note
+    assert "target `bleed`" in note and "reader `phe` (synthetic)" in note
+    assert f"patients train {m['patients_train']:.0f} · val {m['patients_val']:.0f}" in note
+    assert f"`ich-classification` version {result['model_version']}" in note
+    assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m
+    import threading
+
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]   # ended with the run
 
 
 @pytest.mark.slow

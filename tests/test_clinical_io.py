@@ -122,11 +122,16 @@ def test_bad_scan_is_one_line_and_leaves_the_output_alone(champion, series, tmp_
 
 
 @pytest.mark.slow
-def test_model_records_its_window_and_refuses_hu(champion):
+def test_model_records_its_window_and_windows_hu_itself(champion):
     assert champion.metadata.metadata["window"] == {"name": "brain", "level": 40, "width": 80}
     hu = np.full((2, 64, 64), -1000, np.int16)
-    with pytest.raises(MlflowException, match="dtype"):
-        champion.predict(hu)      # HU fed as if it were 8-bit slices is refused, not cast
+    hu[:, 16:48, 16:48] = 35
+    # int16 HU is windowed by the model with its recorded window, never read as 8-bit slices
+    np.testing.assert_array_equal(champion.predict(hu), champion.predict(apply_window(hu, PRESETS["brain"])))
+    with pytest.raises(MlflowException, match="intensity"):
+        champion.predict(hu.astype(np.float32))     # HU as floats without intensity=hu: refused, not cast
+    with pytest.raises(MlflowException, match="whole numbers 0..255"):
+        champion.predict(np.full((2, 64, 64), 0.5, np.float32))   # a 0..1 image: refused, not cast to black
 
 
 @pytest.mark.slow

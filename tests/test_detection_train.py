@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,8 +22,27 @@ def _all_runs(client):
     return client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
 
 
+def _record_connections(monkeypatch) -> list:
+    """Every network connection this process tries from now on (refused; local AF_UNIX ones go through, the
+    data loader's workers use them): Ultralytics must stay offline."""
+    tried = []
+
+    def refusing(original):
+        def connect(sock, address):
+            if sock.family == socket.AF_UNIX:
+                return original(sock, address)
+            tried.append(address)
+            raise OSError("network disabled in this test")
+        return connect
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refusing(getattr(socket.socket, name)))
+    return tried
+
+
 @pytest.mark.slow
-def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
+def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe, monkeypatch):
+    tried = _record_connections(monkeypatch)
     client = mlflow.MlflowClient()
     exps_before = {e.name for e in client.search_experiments()}
     runs_before = len(_all_runs(client))
@@ -50,7 +71,11 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe):
             assert f"figures/{split}_{name}.png" in files, (split, name, files)
         for name in ("predictions.csv", "slices.csv", "per_patient.csv", "difficulty.md", "difficulty_boxes.csv"):
             assert f"eval/{split}_{name}" in files, (split, name, files)
-    assert {"figures/training_losses.png", "figures/training_val_map.png"} <= files
+    assert not {"figures/training_losses.png", "figures/training_val_map.png"} & files   # MLflow charts them
+    # Ultralytics' own plots (labels, batches, curves), drawn with the font we ship: nothing fetched
+    assert {"figures/training_yolo_results.png", "figures/training_yolo_boxpr_curve.png",
+            "figures/training_yolo_confusion_matrix.png"} <= files, files
+    assert not tried, tried
 
     # the learning path: the phantom's lesions are found on held-out patients
     assert res["test_map50"] >= 0.5, res

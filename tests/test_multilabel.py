@@ -120,6 +120,35 @@ def test_cv_folds_uses_the_prepared_fold_column_when_it_is_good_and_can_drop_tes
     assert len(folds) == (split["split"] != "test").sum()
 
 
+def test_a_cv_repeat_re_deals_the_same_patients_into_new_folds():
+    m = _manifest(_pattern(30))
+    plabels = cvf.patient_labels(m, CLASSES)
+    good = cvf.stratified_folds(plabels, 5, seed=9)
+    split = pd.DataFrame({"patient_id": good.index, "fold": good.to_numpy(), "split": "train"})
+    first, _ = cvf.cv_folds(m, split, CLASSES, 5, seed=42)
+    again, source = cvf.cv_folds(m, split, CLASSES, 5, seed=42, repeat=1)
+    assert source == "stratified (repeat 1)" and set(again.index) == set(first.index)
+    assert (again != first.loc[again.index]).any()                       # other folds, same patients
+    for c in CLASSES:
+        assert again[plabels[c]].nunique() == 5, c
+    pd.testing.assert_series_equal(again, cvf.cv_folds(m, split, CLASSES, 5, seed=42, repeat=1)[0])
+
+
+def test_repeated_out_of_fold_averages_each_slice_over_its_repeats():
+    from ichflow.tasks.multilabel.crossval import FoldOutcome, out_of_fold
+
+    def held(rows, probs, threshold, repeat):
+        return FoldOutcome(name="f", fit=None, val={}, heldout={}, thresholds=np.array([threshold]),
+                           norm=None, rows=np.array(rows), probs=np.array(probs, np.float32)[:, None], repeat=repeat)
+
+    outcomes = [held([2, 0], [0.9, 0.2], 0.5, 0), held([1], [0.4], 0.5, 0),            # repeat 0: 3 slices
+                held([0, 1], [0.6, 0.2], 0.5, 1), held([2], [0.5], 0.6, 1)]            # repeat 1, other folds
+    rows, p, calls = out_of_fold(outcomes)
+    assert rows.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(p[:, 0], [0.4, 0.3, 0.7], rtol=1e-6)
+    assert calls[:, 0].tolist() == [True, False, True]     # row 0: one call of two (a tie counts as positive)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 def test_multilabel_metrics_macro_over_defined_classes_and_micro_f1():
     y = np.array([[1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 0]])
@@ -461,3 +490,25 @@ def test_an_any_head_trains_next_to_a_subtype(synthetic_ctich):
                 "support_any_patients"):
         assert key in m, key
     assert m["support_any_patients"] >= m["support_IVH_patients"]
+
+
+@pytest.mark.slow
+def test_repeated_cv_runs_every_fold_of_every_repeat_and_logs_the_spread(synthetic_ctich):
+    result = train_multilabel(dataclasses.replace(TINY, cv_repeats=2, register=False))
+    client = mlflow.MlflowClient()
+    parent = client.get_run(result["run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == [f"repeat-{r}-fold-{k}" for r in (0, 1) for k in (0, 1, 2)]
+    m = parent.data.metrics
+    for key in ("oof_macro_auc", "oof_macro_auc_ci_low", "oof_macro_auc_repeat_mean", "oof_macro_auc_repeat_sd",
+                "oof_IVH_roc_auc_repeat_mean"):
+        assert key in m, key
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                            artifact_path="eval/cv_folds.csv"),
+                        dtype={"patient_id": str})
+    assert sorted(folds["repeat"].unique()) == [0, 1] and len(folds) == 24
+    assert folds.groupby("repeat")["patient_id"].apply(lambda ids: ids.is_unique).all()
+    oof = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                          artifact_path="eval/oof_predictions.csv"))
+    assert len(oof) == m["support_slices"]                   # each slice once: its repeats averaged

@@ -99,11 +99,15 @@ def test_discover_scans_layouts(tmp_path, synthetic_phe):
 
 @pytest.mark.slow
 def test_predict_writes_masks_overlays_and_csv(champion, synthetic_phe, tmp_path):
-    champion("segmentation")
+    res = champion("segmentation")
     scan_dir = synthetic_phe / "SubdatasetC_PNG" / "set" / "image1"
     table = run_predict(PredictConfig(model_uri=_uri("segmentation"), input=str(scan_dir),
                                       output=str(tmp_path / "out")))
     assert len(table) == 12 and set(table["scan"]) == {"image1"}
+    # the predict run names the version the alias stood for when it ran
+    run = mlflow.last_active_run()
+    assert run.info.run_name == "predict-segmentation" and run.data.params["model_uri"] == _uri("segmentation")
+    assert run.data.params["model_version"] == str(res["model_version"])
     csv = pd.read_csv(tmp_path / "out" / "predictions.csv")
     assert {"scan", "slice", "image", "lesion_pixels", "max_probability", "positive", "lesion_ml"} <= set(csv.columns)
     masks = sorted((tmp_path / "out" / "masks" / "image1").glob("*.png"))

@@ -94,6 +94,12 @@ def test_states_mirrored_resume_and_refit(states_space, tmp_path):
     assert {k: (c.data.tags["optuna.state"], c.info.status) for k, c in by_trial.items()} == {
         "0": ("COMPLETE", "FINISHED"), "1": ("FAIL", "FAILED"), "2": ("PRUNED", "KILLED")}
     assert "val_roc_auc" in by_trial["0"].data.metrics and "test_roc_auc" not in by_trial["0"].data.metrics
+    # the comparison view sorts trials on one metric, `objective` (a pruned trial: Optuna's value, its last report)
+    study = optuna.load_study(study_name="states", storage=open_storage(storage))
+    for number in ("0", "2"):
+        assert by_trial[number].data.metrics["objective"] == pytest.approx(study.trials[int(number)].value)
+    assert parent.data.params["best_trial"] == str(study.best_trial.number) == "0"
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
     refit = mlflow.MlflowClient().get_run(parent.data.tags["ichflow.best_run_id"])
     assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert "test_roc_auc" in refit.data.metrics  # the test split is touched once: by the refit of the best
@@ -143,3 +149,22 @@ def test_detection_conf_threshold_is_chosen_on_trial_predictions_without_retrain
     best = study.best_trial.user_attrs["best_conf_threshold"]
     assert float(refit.data.params["conf_threshold"]) == pytest.approx(best)
     assert float(refit.data.params["conf_threshold_used"]) == pytest.approx(best, abs=1e-6)
+
+
+def test_every_finished_trial_prints_one_line_with_the_best_so_far(capsys):
+    from ichflow.tuning import best_so_far_line
+
+    study = optuna.create_study(direction="maximize")
+    values = iter([0.2, 0.5, 0.1])
+
+    def objective(trial):
+        value = next(values)
+        if value < 0.15:
+            raise optuna.TrialPruned()
+        return value
+
+    study.optimize(objective, n_trials=3, callbacks=[best_so_far_line])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == ["[tune] trial 0 complete 0.2000; best so far 0.2000 (trial 0)",
+                     "[tune] trial 1 complete 0.5000; best so far 0.5000 (trial 1)",
+                     "[tune] trial 2 pruned; best so far 0.5000 (trial 1)"]

@@ -17,6 +17,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm/smp would try the Hugging Face hub for weights
+# training runs log MLflow's system/* metrics: one sample every 5 s (MLflow's own default is 10 s)
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "5")
 os.environ.setdefault(
     "YOLO_CONFIG_DIR", str(Path(os.environ.get("ICHFLOW_WORK_DIR", "work")).resolve() / "ultralytics")
 )

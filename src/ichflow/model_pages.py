@@ -1,4 +1,5 @@
-"""What the MLflow UI shows on a registered model and its versions: Markdown written at each promotion."""
+"""What the MLflow UI shows on a page: Markdown for a registered model and its versions (written at each
+promotion) and for a training run (its description, the ``mlflow.note.content`` tag)."""
 
 from __future__ import annotations
 
@@ -75,4 +76,51 @@ def model_description(spec, champion, headline: dict, rule: dict) -> str:
         shown = ", ".join(f"{k} {_num(v)} {_ci(headline, k)}".rstrip() for k, v in headline.items()
                           if not k.endswith(("_ci_low", "_ci_high")))
         lines += ["", f"**@champion: version {champion.version}** — {shown}."]
+    return "\n".join(lines)
+
+
+def value_text(metrics: dict, key: str) -> str:
+    """``0.512 [0.401, 0.598]`` (with the CI when one is logged), ``n/a`` for NaN, ``—`` when absent."""
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)):
+        return "—"
+    if value != value:
+        return "n/a"
+    lo, hi = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    ci = f" [{lo:.3f}, {hi:.3f}]" if isinstance(lo, float) and isinstance(hi, float) and lo == lo and hi == hi else ""
+    return f"{value:.3f}{ci}"
+
+
+def headline_table(names, metrics: dict) -> list[str]:
+    """One row per headline metric, one column per split that logged any (val, test)."""
+    splits = [s for s in ("val", "test") if any(f"{s}_{n}" in metrics for n in names)]
+    if not splits:
+        return ["No headline metric was logged."]
+    rows = ["| metric | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
+    rows += [f"| {n} | " + " | ".join(value_text(metrics, f"{s}_{n}") for s in splits) + " |"
+             for n in names if any(f"{s}_{n}" in metrics for s in splits)]
+    return rows
+
+
+def data_line(prep) -> str:
+    sizes = prep.split["split"].value_counts()
+    patients = " · ".join(f"{k} {int(sizes.get(k, 0))}" for k in ("train", "val", "test"))
+    return (f"Data: reader `{prep.dataset}` ({prep.source}) at `{prep.data_root}`; patients {patients}; "
+            f"split digest `{prep.split_digest}`.")
+
+
+def run_description(spec, metrics: dict, prep, model_version: int | None) -> str:
+    """A training run's page: what it predicts, its headline numbers on val and test (95 % CI where logged),
+    the data it saw and the registered model version."""
+    what = spec.summary.split(". ")[0].rstrip(".")
+    lines = [f"**{spec.name}** — target `{spec.target}`: {what}.", ""]
+    lines += headline_table(spec.headline, metrics)
+    if spec.cross_validated:
+        lines += ["", "Cross-validated: val = mean of the folds' inner validation, test = the held-out folds."]
+    lines += ["", data_line(prep), ""]
+    if model_version is None:
+        lines.append("Model: not registered.")
+    else:
+        lines.append(f"Model: `{spec.registered_name}` version {model_version} "
+                     f"(`models:/{spec.registered_name}/{model_version}`).")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ Fixed layout under the work dir (nothing in it is edited by hand; delete it to r
       synthetic/<variant>-<digest>/        generated phantom data in the published layouts
       prepared/<dataset>-<digest>/         manifest.csv, split.csv, validation_report.{md,json}
       cache/                               decoded slices, YOLO datasets, ... (per task)
+      predictions/<pipeline run_id>/       what the main job's predict step wrote (its closing summary names it)
       runs/<run_id>/                       checkpoints and scratch of one training run
         checkpoint_best.pt                 the best epoch's weights (every torch task)
         model_config.json                  what the logged pyfunc needs besides the weights

@@ -3,20 +3,27 @@
 prepare -> segmentation, classification, detection, multilabel -> a short tune -> promote each task's model
 -> predict with the segmentation champion. Each step is launched the MLflow Projects way
 (``mlflow.projects.run`` of this project's own entry point), so every step is a normal run in the
-experiment of its task (``ichflow-<task>``) and the pipeline run records the step run ids.
+experiment of its task (``ichflow-<task>``) and the pipeline run (experiment ``ichflow-pipeline``) records the
+step run ids. It ends with a summary table (each task's champion, its numbers, this job's decision, where to
+look), printed and kept as the pipeline run's description and ``summary.md``.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from pathlib import Path
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from ichflow.configs import PipelineConfig
 from ichflow.errors import ParameterError, UserError
+from ichflow.model_pages import value_text
+from ichflow.paths import work_dir
 from ichflow.tasks.spec import TASKS
-from ichflow.tracking import log_params_once, task_run
+from ichflow.tracking import log_params_once, mask_uri, task_run
 
 
 def project_dir() -> Path:
@@ -98,7 +105,13 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     resolve_source(DataConfig(data_dir=cfg.data_dir, dataset=cfg.dataset))  # bad data_dir / dataset: same
     runs: dict[str, str] = {}
     t0, cpu0 = time.perf_counter(), _children_cpu()
-    with task_run("pipeline", run_name="pipeline") as parent:
+    launch = default_launch()
+    source = {k: v for k, v in launch.data.tags.items() if k.startswith(("mlflow.source", "mlflow.project",
+                                                                          "mlflow.git"))} if launch else {}
+    with task_run("pipeline", run_name="pipeline", tags=source) as parent:
+        if launch is not None:
+            mlflow.log_params(launch.data.params)
+            point_launch_at(launch, parent)
         log_params_once({"data_dir": cfg.data_dir, "dataset": cfg.dataset, "quick": cfg.quick})
         data = {"data_dir": cfg.data_dir, "dataset": cfg.dataset}
         runs["prepare"] = _step("prepare", data, "ichflow-prepare")
@@ -117,15 +130,53 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                             f"promote-{task}")
         runs[f"promote-tuned-{tune['task']}"] = _step("promote", {"task": tune["task"]}, "ichflow-registry",
                                                       f"promote-tuned-{tune['task']}")
-        predictions = Path("work") / "predictions" / parent.info.run_id
+        predictions = work_dir() / "predictions" / parent.info.run_id
         if "segmentation" in tasks and _champion(TASKS["segmentation"].registered_name) is not None:
             runs["predict"] = _step("predict", {"model_uri": "models:/ich-segmentation@champion",
                                                 "input": _first_scan(runs["prepare"]), "output": str(predictions)},
                                     "ichflow-predict")
         mlflow.set_tags({f"ichflow.step.{k}": v for k, v in runs.items()})
         mlflow.log_metrics({"pipeline_seconds": time.perf_counter() - t0, "pipeline_cpu_seconds": _children_cpu() - cpu0})
-    print("\n".join(closing_summary(tasks, runs, predictions if "predict" in runs else None)))
+        rows = summary_rows(tasks, runs)
+        footer = summary_footer(predictions if "predict" in runs else None, mlflow.get_tracking_uri())
+        text = summary_markdown(rows, footer)
+        mlflow.set_tag(MLFLOW_RUN_NOTE, text)
+        mlflow.log_text(text, "summary.md")
+    print_summary(rows, footer, text)
     return runs
+
+
+def default_launch():
+    """The run ``mlflow run . -e main`` opened in MLflow's Default experiment (no ``--experiment-name``), or None.
+
+    MLflow opens it before this process starts and cannot move a run, so the pipeline's own run goes to
+    ``ichflow-pipeline`` (with this run's params and source tags) and this one is left pointing at it;
+    ``mlflow run`` ends it with the job's status."""
+    from mlflow.tracking.default_experiment import DEFAULT_EXPERIMENT_ID
+
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id or mlflow.active_run() is not None:
+        return None
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.info.experiment_id != DEFAULT_EXPERIMENT_ID:
+        return None
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(var, None)
+    return run
+
+
+def point_launch_at(launch, pipeline_run) -> None:
+    """Name the Default experiment's launch run ``pipeline-launch`` and link it to the pipeline run."""
+    run_id, exp_id = pipeline_run.info.run_id, pipeline_run.info.experiment_id
+    client = mlflow.MlflowClient()
+    client.update_run(launch.info.run_id, name="pipeline-launch")
+    client.set_tag(launch.info.run_id, "ichflow.pipeline_run_id", run_id)
+    client.set_tag(launch.info.run_id, MLFLOW_RUN_NOTE, f"`mlflow run` opened this run in the Default experiment; "
+                   f"the pipeline's run is [{run_id}](#/experiments/{exp_id}/runs/{run_id}) in experiment "
+                   "`ichflow-pipeline` (`mlflow run . -e main --experiment-name ichflow-pipeline` puts it there "
+                   "directly).")
+    print(f"[pipeline] run {run_id} in experiment ichflow-pipeline (MLflow's run {launch.info.run_id} in "
+          "Default points at it)")
 
 
 def _champion(model_name: str):
@@ -135,38 +186,86 @@ def _champion(model_name: str):
         return None
 
 
-def closing_summary(tasks, runs: dict[str, str], predictions: Path | None) -> list[str]:
-    """What the job achieved: each task's champion (or why none), its deciding and test numbers, where to look."""
+SUMMARY_COLUMNS = ("task", "@champion", "val (deciding)", "test", "this job's candidate")
+DECISIONS = {"promoted": "promoted", "rejected": "rejected (kept as @challenger)", "below_floor": "below floor",
+             "degenerate": "degenerate"}
+
+
+def summary_rows(tasks, runs: dict[str, str]) -> list[tuple[str, ...]]:
+    """One row per task (SUMMARY_COLUMNS): the champion's numbers from its training run, this job's decision."""
     from ichflow.registry import load_rule
-    from ichflow.tasks.recipe import headline_text
 
     client = mlflow.MlflowClient()
-    lines = ["", "[pipeline] summary"]
+    rows = []
     for task in tasks:
         spec, rule = TASKS[task], load_rule(task)
-        tags = client.get_run(runs[f"promote-{task}"]).data.tags
         champ = _champion(spec.registered_name)
-        if champ is None:
-            lines.append(f"  {task:14s} {spec.registered_name}: NO @champion — this job's v"
-                         f"{tags.get('ichflow.model_version', '?')} {tags.get('ichflow.decision', '?')}: "
-                         f"{tags.get('ichflow.reason', '')}")
-            continue
-        metrics = client.get_run(champ.run_id).data.metrics
-        shown = [headline_text(metrics, key, name=key) for key in (rule["primary"], rule["report"][0])]
-        mine = tags.get("ichflow.model_version", "?")
-        tuned = runs.get(f"promote-tuned-{task}")
-        if str(champ.version) == mine:
-            verdict = "promoted by this job"
-        elif tuned and client.get_run(tuned).data.tags.get("ichflow.model_version") == str(champ.version):
-            verdict = f"this job's tuned refit, over its v{mine}"
-        else:
-            verdict = f"this job's v{mine}: {tags.get('ichflow.decision', '?')}"
-        lines.append(f"  {task:14s} {spec.registered_name} v{champ.version} @champion ({verdict}): "
-                     + "; ".join(s for s in shown if s))
-    if predictions is not None:
-        lines.append(f"  predictions of ich-segmentation@champion: {predictions}/ (predictions.csv, masks/, overlays/)")
-    lines.append("  look at the runs and models: mlflow ui (in this folder), then http://127.0.0.1:5000")
+        metrics = client.get_run(champ.run_id).data.metrics if champ else {}
+        val, test = (f"{key} {value_text(metrics, key)}" if champ else "—"
+                     for key in (rule["primary"], rule["report"][0]))
+        rows.append((task, f"{spec.registered_name} v{champ.version}" if champ else f"{spec.registered_name}: none",
+                     val, test, candidate_text(client, runs, task)))
+    return rows
+
+
+def candidate_text(client, runs: dict[str, str], task: str) -> str:
+    """``v3 promoted`` (and the tuned refit's, when the job promoted one for this task)."""
+    parts = []
+    for label, key in (("", f"promote-{task}"), ("tuned refit ", f"promote-tuned-{task}")):
+        if key in runs:
+            tags = client.get_run(runs[key]).data.tags
+            decision = tags.get("ichflow.decision", "?")
+            parts.append(f"{label}v{tags.get('ichflow.model_version', '?')} {DECISIONS.get(decision, decision)}")
+    return "; ".join(parts)
+
+
+def summary_footer(predictions: Path | None, tracking_uri: str) -> list[str]:
+    """Where the predict step wrote, and how to open the store in a browser."""
+    lines = [f"Predictions of ich-segmentation@champion: {predictions}/ (predictions.csv, masks/, overlays/)"
+             if predictions is not None else "Predictions: none (the predict step needs PHE data and an "
+                                             "ich-segmentation@champion)"]
+    if tracking_uri.startswith(("http://", "https://")):
+        lines.append(f"Runs and models: open {mask_uri(tracking_uri)}")
+    else:
+        lines.append(f"Runs and models: mlflow ui --backend-store-uri {absolute_store_uri(tracking_uri)}")
+        lines.append("then open http://127.0.0.1:5000")
     return lines
+
+
+def absolute_store_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` (relative to this folder) -> ``sqlite:////abs/mlflow.db``: usable from anywhere."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return mask_uri(uri)
+
+
+def summary_markdown(rows, footer: list[str]) -> str:
+    """The summary as Markdown: the pipeline run's description and ``summary.md``; the console without a TTY."""
+    lines = ["## ichflow pipeline summary", "", "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+             "|---" * len(SUMMARY_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([*lines, "", *footer])
+
+
+def print_summary(rows, footer: list[str], markdown: str) -> None:
+    """A rich table on a terminal; the Markdown text otherwise (a log, a pipe)."""
+    if not sys.stdout.isatty():
+        print("\n" + markdown)
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title="ichflow pipeline summary")
+    for i, column in enumerate(SUMMARY_COLUMNS):
+        table.add_column(column, no_wrap=i < 2, overflow="fold")   # task and model whole; the rest may wrap
+    for row in rows:
+        table.add_row(*(Text(cell) for cell in row))
+    console = Console()
+    console.print(table)
+    for line in footer:   # soft_wrap: the command stays one line to copy
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _first_scan(prepare_run_id: str) -> str:

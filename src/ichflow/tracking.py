@@ -79,11 +79,14 @@ def reuse_active_run():
 
 
 @contextlib.contextmanager
-def task_run(task: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False):
+def task_run(task: str, run_name: str | None = None, tags: dict | None = None, nested: bool = False,
+             log_system_metrics: bool = False):
     """Start (or, under ``mlflow run``, resume) the run of one entry point.
 
     Outside ``mlflow run`` the run goes to experiment ``ichflow-<task>`` unless the user chose one with
-    ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``.
+    ``MLFLOW_EXPERIMENT_NAME`` / ``MLFLOW_EXPERIMENT_ID``. ``log_system_metrics`` (training runs): MLflow's
+    ``system/*`` metrics (CPU, memory, disk, network, GPU) every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` s,
+    from a thread that ends with the run.
     """
     active = mlflow.active_run()
     if active is not None and _reuse_active:
@@ -104,7 +107,7 @@ def task_run(task: str, run_name: str | None = None, tags: dict | None = None, n
         if not launched and not nested and not (os.environ.get("MLFLOW_EXPERIMENT_NAME")
                                                 or os.environ.get("MLFLOW_EXPERIMENT_ID")):
             mlflow.set_experiment(f"ichflow-{task}")
-        run = mlflow.start_run(run_name=run_name, nested=nested,
+        run = mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=log_system_metrics or None,
                                tags={"ichflow.task": task, **process_tags(), **(tags or {})})
     except Exception as exc:
         kind = _store_kind(exc, uri)

@@ -248,9 +248,10 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
         if retried is not None:
             tags["optuna.retry_of"] = str(retried)
         run = mlflow.start_run(experiment_id=experiment_id, run_name=f"trial-{trial.number:03d}",
-                               parent_run_id=parent_run_id, nested=mlflow.active_run() is not None, tags=tags)
+                               parent_run_id=parent_run_id, nested=mlflow.active_run() is not None, tags=tags,
+                               log_system_metrics=True)
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
-        state = "FAIL"
+        state, reported = "FAIL", {}
         try:
             mlflow.log_params({f"trial.{k}": v for k, v in params.items()})
 
@@ -259,6 +260,7 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
                 if value is None or (isinstance(value, float) and math.isnan(value)):
                     return
                 trial.report(float(value), epoch)
+                reported["objective"] = float(value)
                 trial.set_user_attr("epochs_run", epoch + 1)
                 if trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({space.MONITOR}={value:.4f})")
@@ -273,6 +275,8 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
             return value
         except optuna.TrialPruned:
             state = "PRUNED"
+            if reported:  # Optuna's value of a pruned trial: the last one it reported
+                mlflow.log_metrics(reported)
             raise
         except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: Optuna fails the trial; the run says it was killed
             mlflow.set_tags({"optuna.state": state, FAILURE_TAG: f"interrupted ({exc})"})
@@ -307,7 +311,17 @@ def _worker(cfg: TuneConfig, study_name: str, url: str, parent_run_id: str, expe
     study = optuna.load_study(study_name=study_name, storage=open_storage(url, cfg.heartbeat_s),
                               sampler=optuna.samplers.TPESampler(seed=cfg.seed + worker), pruner=pruner)
     study.optimize(_objective_factory(cfg, study_name, parent_run_id, experiment_id), n_trials=n_trials,
-                   timeout=cfg.timeout_min * 60 or None, catch=(Exception,), gc_after_trial=True)
+                   timeout=cfg.timeout_min * 60 or None, catch=(Exception,), gc_after_trial=True,
+                   callbacks=[best_so_far_line])
+
+
+def best_so_far_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial (Optuna callback): its state and value, and the study's best so far."""
+    value = f" {trial.value:.4f}" if trial.value is not None else ""
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = (f"best so far {study.best_value:.4f} (trial {study.best_trial.number})" if completed
+            else "no completed trial yet")
+    print(f"[tune] trial {trial.number} {trial.state.name.lower()}{value}; {best}", flush=True)
 
 
 def _max_epochs(cfg: TuneConfig) -> int:
@@ -439,12 +453,14 @@ def run_tune(cfg: TuneConfig) -> dict:
         study = optuna.load_study(study_name=study_name, storage=open_storage(url))
         summary = summarise_study(study, before, max_epochs, wall)
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-        log_study_artifacts(study)
+        log_study_artifacts(study, target_name=task_spec(cfg.task).objective)
         result = {"study_name": study_name, "storage": mask_uri(url), **summary}
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if completed:
             best = study.best_trial
             mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
+            mlflow.log_params({"best_trial": best.number})
+            mlflow.log_metric("best_value", best.value)
             mlflow.set_tags({"ichflow.best_trial": str(best.number),
                              "ichflow.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
             result.update(best_value=best.value, best_params=best.params,
@@ -516,7 +532,7 @@ def refit_best(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, experim
             params[field] = val
     task_cfg = trial_config(config_cls, {**fixed, **params, "evaluate_test": True, "register": True})
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"best-trial-{best.number:03d}-refit",
-                          parent_run_id=parent_run_id, nested=True,
+                          parent_run_id=parent_run_id, nested=True, log_system_metrics=True,
                           tags={"optuna.study": study.study_name, "optuna.best_trial": str(best.number),
                                 **process_tags()}):
         try:
@@ -542,24 +558,9 @@ def summarise_study(study: optuna.Study, before: int, max_epochs: int, wall_seco
             "trials_per_hour": len(new) / max(wall_seconds, 1e-9) * 3600}
 
 
-def log_study_artifacts(study: optuna.Study) -> None:
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as ovm
+def log_study_artifacts(study: optuna.Study, target_name: str = "objective") -> None:
+    from ichflow.engine import figures
 
-    df = study.trials_dataframe()
-    mlflow.log_text(df.to_csv(index=False), "study/trials.csv")
-    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    plots = {"optimization_history": ovm.plot_optimization_history, "parallel_coordinate": ovm.plot_parallel_coordinate,
-             "slice": ovm.plot_slice, "param_importances": ovm.plot_param_importances}
-    for name, fn in plots.items():
-        if not completed or (name == "param_importances" and len(completed) < 2):
-            continue
-        try:
-            with warnings.catch_warnings():  # Optuna marks its matplotlib plots experimental
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                ax = fn(study)
-            fig = (ax[0] if hasattr(ax, "__len__") else ax).figure
-            mlflow.log_figure(fig, f"study/{name}.png")
-            plt.close(fig)
-        except (ValueError, RuntimeError) as exc:  # e.g. importances need >1 distinct param value
-            log.info("skipped %s plot: %s", name, exc)
+    mlflow.log_text(study.trials_dataframe().to_csv(index=False), "study/trials.csv")
+    for name, fig in figures.study_figures(study, target_name=target_name):   # skips plots Optuna can't draw
+        figures.log_figure(fig, f"study/{name}.png")

@@ -4,7 +4,7 @@
 
     preset -> validate -> seed -> tracked run -> prepare (+ log data) -> setup (data, model)
     -> fit (on the engine) -> select on val (threshold, final model) -> report each split
-    -> figures -> export (log + register the model) -> TaskResult (+ one summary block on stdout)
+    -> figures -> export (log + register the model) -> run description -> TaskResult (+ one summary block on stdout)
 
 A task subclasses :class:`TaskRecipe` and overrides the hooks (``setup``, ``fit``, ``select``, ``report``,
 ``export``; optionally ``validate``, ``prepare``, ``figures``, ``summary_lines``). The test split is reported
@@ -17,12 +17,15 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
+from ichflow.model_pages import run_description
 from ichflow.prepare import DATASETS, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.common import apply_preset, log_config, log_preset_values, validate_train_config
 from ichflow.tasks.spec import DEGENERATE_TAG, TaskSpec
@@ -99,8 +102,8 @@ class TaskRecipe:
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg.device)
         t_wall = time.perf_counter()
-        with task_run(self.spec.name, run_name=self.run_name(cfg),
-                      tags={"ichflow.target": self.spec.target}) as run:
+        with task_run(self.spec.name, run_name=self.run_name(cfg), tags={"ichflow.target": self.spec.target},
+                      log_system_metrics=True) as run:
             log_config(cfg)
             log_preset_values(cfg, self.presets)
             self.prep = self.prepare(cfg)
@@ -127,6 +130,7 @@ class TaskRecipe:
                         mlflow.set_tag("ichflow.registered_model",
                                        f"{self.spec.registered_name}/{result.model_version}")
             result.wall_seconds = time.perf_counter() - t_wall
+            mlflow.set_tag(MLFLOW_RUN_NOTE, run_description(self.spec, metrics, self.prep, result.model_version))
             mlflow.log_metrics(finite({k: getattr(result, k) for k in ("objective", "best_epoch", "epochs_run",
                                                                        "train_seconds", "wall_seconds")}
                                       | {k: metrics[k] for k in ("stopped_early", "stopped_by_time_budget", "degenerate")}))
@@ -150,8 +154,11 @@ class TaskRecipe:
     def validate(self, cfg) -> None:
         """Raise :class:`~ichflow.errors.ParameterError` for a bad parameter, before any work."""
 
-    def run_name(self, cfg) -> str | None:
-        return None
+    def run_name(self, cfg) -> str:
+        """``<task>-<model>`` (``-<k>fold`` added when the task cross-validates), e.g. ``classification-resnet18``."""
+        model = Path(str(getattr(cfg, "model", "") or "")).stem
+        folds = f"-{cfg.n_folds}fold" if self.spec.cross_validated else ""
+        return f"{self.spec.name}-{model}{folds}" if model else self.spec.name
 
     def label_column(self, cfg) -> str:
         return self.spec.label_column

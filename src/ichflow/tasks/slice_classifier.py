@@ -33,7 +33,7 @@ from PIL import Image
 from ichflow.engine.augment import Normalizer, build_augment
 from ichflow.engine.device import autocast
 from ichflow.engine.pretrained import PACKAGED, packaged_source_file, packaged_weights_file
-from ichflow.engine.scan import as_scan, neighbours
+from ichflow.engine.scan import as_scan, intensity_param, input_schema, model_window, neighbours, record_window
 from ichflow.engine.schedule import warmup_cosine
 from ichflow.engine.slices import neighbour_indices, slice_cache, stack_channels
 from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
@@ -451,18 +451,24 @@ except ImportError:  # pragma: no cover
 class SliceClassifierModel(_PythonModel):
     """Slice classifier served by MLflow.
 
-    Input: a numpy uint8 array (N, H, W): the 8-bit (brain-windowed) axial slices of ONE scan in axial order
-    (any H, W; float 0..255 is accepted when calling the Python class directly). The model resizes each
-    slice to its training size, stacks the slices below/above for 2.5D input (edge slices repeated) and
-    normalises with the training statistics.
+    Input (one request = ONE scan, slices in axial order, any H, W), any of (:mod:`ichflow.engine.scan`):
+    uint8 (N, H, W) 8-bit slices windowed with the model's window (brain, as the training images; over REST
+    JSON integers); a list of base64 PNG slices (8-bit grayscale); HU as an integer (int16) array, windowed
+    by the model with its recorded window (``model_config.json`` / metadata ``window``); one base64 NIfTI
+    (``.nii.gz``) string, a HU volume. ``params={"intensity": "auto" | "uint8" | "hu"}`` (auto: integers with
+    any value outside 0..255 are HU, uint8 / PNG are 8-bit, floats must be whole numbers 0..255); anything
+    else (a 0..1 float image, NaN, ragged slices) is refused with an MlflowException (HTTP 400) saying what
+    to send. The model resizes each slice to its training size, stacks the slices below/above for 2.5D input
+    (edge slices repeated) and normalises with the training statistics.
 
     Output: a DataFrame with one row per input slice, for each class ``c`` of the model
     ``c_probability`` (sigmoid, 0..1, averaged over axial neighbours when the model's ``scan_context`` says so:
-    pass whole scans) and ``c`` (0/1 = probability >= the class threshold chosen on the validation split). The binary bleed classifier has the single class ``has_lesion``; the subtype model
-    has one column pair per subtype (IVH, IPH, SAH, ...).
+    pass whole scans) and ``c`` (0/1 = probability >= the class threshold chosen on the validation split).
+    The binary bleed classifier has the single class ``has_lesion``; the subtype model has one column pair
+    per subtype (IVH, IPH, SAH, ...).
     """
 
-    _skip_type_hint_validation = True  # validated by the explicit tensor signature, not type hints
+    _skip_type_hint_validation = True  # the explicit signature passes the input through; as_scan validates it
 
     def load_context(self, context):
         with open(context.artifacts["config"]) as fh:
@@ -474,7 +480,8 @@ class SliceClassifierModel(_PythonModel):
         self.model.eval()
 
     def predict(self, context, model_input, params=None):
-        return predict_scan(self.model, self.config, model_input)
+        scan = as_scan(model_input, model_window(self.config), (params or {}).get("intensity") or "auto")
+        return predict_scan(self.model, self.config, scan)
 
 
 def predict_scan(model: torch.nn.Module, cfg: dict, slices: np.ndarray) -> pd.DataFrame:
@@ -508,13 +515,18 @@ def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example:
                     registered_name: str | None, metadata: dict | None = None):
     """Log the pyfunc (weights + config JSON) with signature and input example; register when named.
 
-    ``config``: model, in_channels, image_size, classes, thresholds, norm_mean, norm_std (+ anything else).
+    ``config``: model, in_channels, image_size, classes, thresholds, norm_mean, norm_std (+ anything else);
+    the HU ``window`` of its 8-bit input is added (``config``'s, else ``metadata``'s, else brain) and recorded
+    in both model_config.json and the metadata.
     """
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types.schema import Schema, TensorSpec
+    from mlflow.types.schema import ParamSchema
 
     from ichflow.engine.modelio import log_pyfunc
+    from ichflow.engine.scan import INPUT_DOC
 
+    config, metadata = record_window(config, metadata)
+    metadata = {"input": INPUT_DOC, **metadata}
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "weights.pt"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
@@ -523,9 +535,9 @@ def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example:
     example = np.asarray(example, dtype=np.uint8)
     fresh = build_model(config["model"], config["in_channels"], len(config["classes"]))
     fresh.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    # any number of slices of any size: (-1, -1, -1), 8-bit
+    # any accepted form of one scan (Tensor('object', (-1,)) passes them all through; as_scan validates)
     outputs = infer_signature(example, predict_scan(fresh, config, example)).outputs
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]), outputs=outputs)
+    signature = ModelSignature(inputs=input_schema(), outputs=outputs, params=ParamSchema([intensity_param()]))
     return log_pyfunc(SliceClassifierModel(), artifacts={"weights": str(weights), "config": str(cfg_path)},
                       signature=signature,
                       input_example=example, registered_model_name=registered_name, metadata=metadata)

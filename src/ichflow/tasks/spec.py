@@ -53,23 +53,31 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              headline=("dice", "dice_median", "dice_pooled", "sensitivity", "volume_abs_err_ml", "slice_f1"),
              readers=("phe", "phe_nifti"), synthetic_dataset="synthetic",
              summary="Perihematomal edema (PHE) segmentation of one non-contrast head CT (the edema rim around "
-                     "a spontaneous intracerebral hematoma, not the hematoma). Input: uint8 (N, H, W), the axial "
-                     "slices of ONE scan in axial order, 8-bit brain-windowed as the training PNGs, native "
-                     "resolution. Output: float32 (N, H, W) edema probability; `params={\"output\": \"mask\"}` "
-                     "gives a 0/1 mask at the threshold chosen on validation."),
+                     "a spontaneous intracerebral hematoma, not the hematoma). Input: ONE scan, slices in axial order at "
+                     "native resolution, as uint8 (N, H, W) 8-bit slices windowed with the model's `window` "
+                     "(brain, as the training PNGs), a list of base64 PNG slices, int16 HU (N, H, W) (the model "
+                     "windows it; `params={\"intensity\": \"hu\"}` when no value is outside 0..255) or one base64 "
+                     ".nii.gz; a 0..1 float image is refused (HTTP 400). Output: float32 (N, H, W) edema "
+                     "probability; `params={\"output\": \"mask\"}` gives a 0/1 mask at the threshold chosen on "
+                     "validation, `mask_png` one base64 PNG (0/255) per slice, `mask_rle` row-major run lengths "
+                     "per slice."),
     TaskSpec("classification", "ich-classification", "ichflow.tasks.classification", "ClassificationConfig",
              "train_classification", target="bleed", label_column="has_lesion", objective="val_roc_auc",
              headline=("f1", "recall", "precision", "roc_auc", "patient_f1"), readers=("phe", "phe_nifti", "ctich"),
              synthetic_dataset="synthetic",
-             summary="Bleed / no-bleed per head-CT slice. Input: uint8 (N, H, W), the axial slices of ONE scan in "
-                     "axial order, 8-bit brain-windowed. Output: one row per slice, `has_lesion_probability` "
+             summary="Bleed / no-bleed per head-CT slice. Input: ONE scan in axial order as uint8 (N, H, W) "
+                     "8-bit slices windowed with the model's `window` (brain), a list of base64 PNG slices, "
+                     "int16 HU (windowed by the model; `intensity=hu` when no value is outside 0..255) or one "
+                     "base64 .nii.gz. Output: one row per slice, `has_lesion_probability` "
                      "(0..1) and `has_lesion` (0/1 at the threshold chosen on validation)."),
     TaskSpec("detection", "ich-detection", "ichflow.tasks.detection", "DetectionConfig", "train_detection",
              target="lesion_box", label_column="has_lesion", objective="val_map50",
              headline=("map50", "map50_95", "slice_f1", "slice_recall"), readers=("phe",),
              synthetic_dataset="synthetic",
-             summary="Boxes around hematoma + perihematomal edema on head-CT slices. Input: uint8 (N, H, W), the "
-                     "axial slices of ONE scan in axial order, 8-bit brain-windowed. Output: one row per box "
+             summary="Boxes around hematoma + perihematomal edema on head-CT slices. Input: ONE scan in axial order as "
+                     "uint8 (N, H, W) 8-bit slices windowed with the model's `window` (brain), a list of base64 "
+                     "PNG slices, int16 HU (windowed by the model; `intensity=hu` when no value is outside "
+                     "0..255) or one base64 .nii.gz. Output: one row per box "
                      "(`slice_index`, `x1, y1, x2, y2` in input pixels, `score`) with score >= `conf_threshold` "
                      "(default: chosen on validation); a slice without rows is negative."),
     TaskSpec("multilabel", "ich-subtypes", "ichflow.tasks.multilabel", "MultilabelConfig", "train_multilabel",
@@ -77,8 +85,10 @@ TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
              headline=("macro_auc", "macro_f1", "micro_f1"), readers=("ctich",),
              synthetic_dataset="synthetic-ctich", cross_validated=True,
              summary="Hemorrhage subtypes per head-CT slice (multi-label, IVH / IPH / SAH by default), selected "
-                     "by patient-level cross-validation. Input: uint8 (N, H, W), the axial slices of ONE scan in "
-                     "axial order, 8-bit brain-windowed. Output: one row per slice, `<class>_probability` and "
+                     "by patient-level cross-validation. Input: ONE scan in axial order as uint8 (N, H, W) "
+                     "8-bit slices windowed with the model's `window` (brain), a list of base64 PNG slices, "
+                     "int16 HU (windowed by the model; `intensity=hu` when no value is outside 0..255) or one "
+                     "base64 .nii.gz. Output: one row per slice, `<class>_probability` and "
                      "`<class>` (0/1 at each class's threshold chosen on inner validation)."),
 )}
 

@@ -1,8 +1,11 @@
-"""Figures of a classification training as a whole: loss / validation curves, Grad-CAM examples."""
+"""Figures of a classification training as a whole: Grad-CAM examples.
+
+The per-epoch loss / validation curves are MLflow's own metric charts (the trainer logs every epoch at
+step = epoch); no PNG duplicates them.
+"""
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
@@ -10,16 +13,6 @@ import torch
 from ichflow.engine import figures
 from ichflow.paths import figure_artifact
 from ichflow.tasks import slice_classifier as sc
-
-
-def log_curves(history: list[dict]) -> None:
-    """``figures/training_loss_curves.png`` and ``figures/training_val_curves.png``."""
-    for what, keys, title in (("loss_curves", ["train_loss", "val_loss"], "Loss per epoch"),
-                              ("val_curves", ["val_pr_auc", "val_roc_auc", "val_f1_at_0.5"],
-                               "Validation metrics per epoch")):
-        fig = figures.curves_figure(history, keys, title=title)
-        mlflow.log_figure(fig, figure_artifact("training", what))
-        figures.close(fig)
 
 
 def pick_examples(frame: pd.DataFrame, per_group: int) -> list[tuple[str, int]]:
@@ -54,14 +47,25 @@ def log_gradcam(model, dataset: sc.SliceDataset, frame: pd.DataFrame, per_group:
     with GradCAM(model=model, target_layers=[sc.gradcam_layer(model)]) as cam:
         maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * len(x))
     scores = frame.set_index("row")["score"]
-    fig, axes = figures.plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 3.0), squeeze=False)
-    for ax, (group, r), heat in zip(axes[0], picks, maps):
-        ax.imshow(data.images[r], cmap="gray")
-        ax.imshow(heat, cmap="jet", alpha=0.35)
-        pid, sl = data.manifest.loc[r, "patient_id"], data.manifest.loc[r, "slice_index"]
-        ax.set_title(f"{group} p={scores[r]:.2f}\npt {pid} sl {sl}", fontsize=8)
+    captions = [f"{group} · p = {scores[r]:.2f}\npatient {data.manifest.loc[r, 'patient_id']} · "
+                f"slice {data.manifest.loc[r, 'slice_index']}" for group, r in picks]
+    fig = gradcam_figure([data.images[r] for _, r in picks], maps, captions,
+                         f"Grad-CAM of the bleed logit ({split}; last stage of {model_name})")
+    figures.log_figure(fig, figure_artifact(split, "gradcam"))
+
+
+def gradcam_figure(images, maps, captions: list[str], title: str, max_cols: int = 4):
+    """Each image with its Grad-CAM map over it, a two-line caption per panel, one shared colour bar."""
+    rows, cols = figures.grid_shape(len(images), max_cols)
+    fig, axes = figures.new_figure(rows, cols, width_in=3.0 * cols + 1.2, height_in=3.3 * rows + 0.8)
+    heat = None
+    for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"Grad-CAM of the bleed logit ({split}; last stage of {model_name})")
-    fig.tight_layout()
-    mlflow.log_figure(fig, figure_artifact(split, "gradcam"))
-    figures.close(fig)
+    for ax, image, cam, caption in zip(axes.ravel(), images, maps, captions):
+        ax.imshow(image, cmap="gray")
+        heat = ax.imshow(cam, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.set_title(caption, fontsize=9)
+    if heat is not None:
+        fig.colorbar(heat, ax=axes.ravel().tolist(), shrink=0.8, label="Grad-CAM (0 = none, 1 = strongest)")
+    fig.suptitle(title)
+    return fig

@@ -74,10 +74,10 @@ def log_split_figures(split: str, frame: pd.DataFrame, slice_m: dict, patient_m:
         cm = np.array([[m["tn"], m["fp"]], [m["fn"], m["tp"]]])
         _log_figure(figures.confusion_figure(cm, CLASS_NAMES, title=title), figure_artifact(split, what))
     if 0 < frame["y"].sum() < len(frame):
-        _log_figure(figures.roc_pr_figure(frame["y"], frame["score"], title=f"{split}: slice level"),
+        _log_figure(figures.roc_pr_figure(frame["y"], frame["score"], title=f"{split}: slice level",
+                                          threshold=threshold),
                     figure_artifact(split, "roc_pr"))
 
 
 def _log_figure(fig, path: str) -> None:
-    mlflow.log_figure(fig, path)
-    figures.close(fig)
+    figures.log_figure(fig, path)

@@ -111,7 +111,6 @@ class ClassificationRecipe(TaskRecipe):
         return score_reasons(val["y"], val["score"], self.threshold)
 
     def figures(self, cfg: ClassificationConfig, fit) -> None:
-        figures.log_curves(fit.history)
         split = "test" if "test" in self.frames else "val"
         dataset = sc.SliceDataset(self.data, self.rows[split], self.y, cfg.in_channels, self.norm)
         figures.log_gradcam(self.model, dataset, self.frames[split], cfg.gradcam_per_group, self.device, split,

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 
 from ichflow.data.images import read_gray
-from ichflow.engine.figures import plt
+from ichflow.engine.figures import DPI, MIN_WIDTH_IN, new_figure, plt
+from ichflow.engine.overlays import box_legend_handles
 from ichflow.tasks.detection.metrics import box_iou
 
 POSITION_BINS = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0001])
@@ -86,7 +87,7 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
     n_fp = min(n_examples, len(fps_drawn))
     ncols = max(n_fn, n_fp, 3)
     nrows = 1 + (n_fn > 0) + (n_fp > 0)
-    fig = plt.figure(figsize=(3.2 * ncols, 3.3 * nrows + 0.4))
+    fig = plt.figure(figsize=(max(MIN_WIDTH_IN, 3.4 * ncols), 3.6 * nrows + 1.0), dpi=DPI, layout="constrained")
     grid = fig.add_gridspec(nrows, ncols)
     ax = fig.add_subplot(grid[0, : ncols // 2])
     if len(by_size):
@@ -97,6 +98,8 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
                       fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
+    ax.set_xlabel("true box size (sqrt of area)")
+    ax.set_ylabel("fraction")
     ax.set_title("by box size (sqrt area)")
     ax = fig.add_subplot(grid[0, ncols // 2:])
     x = np.arange(len(POSITION_LABELS))
@@ -107,18 +110,22 @@ def difficulty(index: pd.DataFrame, preds: pd.DataFrame, truths: list[np.ndarray
     ax.set_xticks(x, POSITION_LABELS, fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8)
-    ax.set_title("by slice position in the scan (0% = first slice)")
+    ax.set_xlabel("slice position in the scan (0% = first slice)")
+    ax.set_ylabel("fraction")
+    ax.set_title("by slice position in the scan")
     for k in range(n_fn):
         r = fns.iloc[k]
         _draw(fig.add_subplot(grid[1, k]), index, int(r["slice_id"]), truths, preds, threshold,
-              f"FN {r['patient_id']}/{int(r['slice_index'])}\nbest IoU {r['best_iou']:.2f} score {r['best_score']:.2f}")
+              f"FN · patient {r['patient_id']} · slice {int(r['slice_index'])}\n"
+              f"best IoU {r['best_iou']:.2f}, score {r['best_score']:.2f}")
     for k in range(n_fp):
         r = fps_drawn.iloc[k]
         _draw(fig.add_subplot(grid[nrows - 1, k]), index, int(r["slice_id"]), truths, preds, threshold,
-              f"FP {r['patient_id']}/{int(r['slice_index'])}\nscore {r['score']:.2f}"
+              f"FP · patient {r['patient_id']} · slice {int(r['slice_index'])}\nscore {r['score']:.2f}"
               f"{' (negative slice)' if r['negative_slice'] else ''}")
-    fig.suptitle(f"Difficulty analysis on {split} (conf >= {threshold:.3f}; green = truth, red = prediction)")
-    fig.tight_layout()
+    if n_fn or n_fp:
+        fig.legend(handles=box_legend_handles(threshold), loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle(f"Difficulty analysis on {split} (conf >= {threshold:.3f})")
     lesion_keys = set(zip(index.loc[index["has_lesion"].astype(bool), "patient_id"],
                           index.loc[index["has_lesion"].astype(bool), "slice_index"]))
     neg_fp = neg[neg["fp"]]
@@ -195,7 +202,8 @@ def _draw(ax, index: pd.DataFrame, sid: int, truths, preds: pd.DataFrame, thresh
         ax.add_patch(plt.Rectangle((b[0], b[1]), b[2] - b[0], b[3] - b[1], fill=False, ec="lime", lw=1.5))
     for r in preds[(preds["slice_id"] == sid) & (preds["score"] >= threshold)].itertuples(index=False):
         ax.add_patch(plt.Rectangle((r.x1, r.y1), r.x2 - r.x1, r.y2 - r.y1, fill=False, ec="red", lw=1.2))
-        ax.text(r.x1, max(r.y1 - 4, 8), f"{r.score:.2f}", color="red", fontsize=7)
+        ax.text(r.x1, max(r.y1 - 4, 8), f"{r.score:.2f}", color="red", fontsize=8,
+                bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "edgecolor": "none"})
     ax.set_title(title, fontsize=8)
     ax.axis("off")
 
@@ -211,28 +219,30 @@ def overlays(index: pd.DataFrame, preds: pd.DataFrame, truths, threshold: float,
     pick = sorted(pick, key=lambda i: (index.at[i, "patient_id"], index.at[i, "slice_index"]))
     cols = min(4, max(1, len(pick)))
     rows = max(1, int(np.ceil(len(pick) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = new_figure(rows, cols, width_in=3.4 * cols, height_in=3.6 * rows + 1.0)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, sid in zip(axes.ravel(), pick):
         _draw(ax, index, int(sid), truths, preds, threshold,
-              f"{index.at[sid, 'patient_id']}/{int(index.at[sid, 'slice_index'])}"
-              f" {'lesion' if index.at[sid, 'has_lesion'] else 'negative'}")
-    fig.suptitle(f"{split}: green = truth, red = predicted (score >= {threshold:.3f})")
-    fig.tight_layout()
+              f"patient {index.at[sid, 'patient_id']} · slice {int(index.at[sid, 'slice_index'])}\n"
+              f"{'lesion' if index.at[sid, 'has_lesion'] else 'negative'} slice")
+    fig.legend(handles=box_legend_handles(threshold), loc="outside lower center", ncols=2, fontsize=9)
+    fig.suptitle(f"{split}: true and predicted boxes on lesion and negative slices")
     return fig
 
 
 def pr_figure(curves: dict[str, dict]):
     """Box precision-recall curves at IoU 0.5 (one per split)."""
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, axes = new_figure(1, 1, width_in=9, height_in=6)
+    ax = axes[0, 0]
     for name, m in curves.items():
-        ax.plot(m["pr_recall"], m["pr_precision"], label=f"{name} (AP50 {m['map50']:.3f})")
-    ax.set_xlabel("recall")
-    ax.set_ylabel("precision")
+        ax.plot(m["pr_recall"], m["pr_precision"], lw=2, label=f"{name} (AP@0.5 = {m['map50']:.3f})")
+    ax.set_xlabel("Recall (fraction of true boxes found at IoU ≥ 0.5)")
+    ax.set_ylabel("Precision (fraction of predicted boxes that are true)")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
-    ax.legend()
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower left")
     ax.set_title("Box precision-recall at IoU 0.5")
-    fig.tight_layout()
     return fig

@@ -1,4 +1,4 @@
-"""The served detection model: one scan's slices in, lesion boxes out."""
+"""The served detection model: one scan in (8-bit slices, base64 PNG, HU, NIfTI), lesion boxes out."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from ichflow.engine.scan import as_scan, neighbours
+from ichflow.engine.scan import as_scan, model_window, neighbours
 
 OUTPUT_COLUMNS = ["slice_index", "x1", "y1", "x2", "y2", "score"]
 
@@ -31,9 +31,15 @@ def to_frame(outputs) -> pd.DataFrame:
 class DetectionPyfunc(mlflow.pyfunc.PythonModel):
     """Lesion boxes (hematoma + perihematomal edema) on head-CT slices.
 
-    Input: a numpy array (N, H, W), uint8, the 8-bit (brain-windowed) slices of ONE scan in axial order.
-    The model builds its own 2.5D input (slice below, slice, slice above; the first/last slice repeated),
-    resizes and normalises internally. Any H, W.
+    Input (one request = ONE scan, slices in axial order, any H, W), any of (:mod:`ichflow.engine.scan`):
+    uint8 (N, H, W) 8-bit slices windowed with the model's window (brain, as the training images; over REST
+    JSON integers); a list of base64 PNG slices (8-bit grayscale); HU as an integer (int16) array, windowed
+    by the model with its recorded window (``model_config.json`` / metadata ``window``); one base64 NIfTI
+    (``.nii.gz``) string, a HU volume. ``params={"intensity": "auto" | "uint8" | "hu"}`` (auto: integers with
+    any value outside 0..255 are HU, uint8 / PNG are 8-bit, floats must be whole numbers 0..255); anything
+    else (a 0..1 float image, NaN, ragged slices) is refused with an MlflowException (HTTP 400) saying what
+    to send. The model builds its own 2.5D input (slice below, slice, slice above; the first/last slice
+    repeated), resizes and normalises internally.
 
     Output: a DataFrame with one row per detected box: ``slice_index`` (0-based position in the input),
     ``x1, y1, x2, y2`` (pixels of the input slice, xyxy) and ``score`` (0..1). Only boxes with
@@ -53,7 +59,8 @@ class DetectionPyfunc(mlflow.pyfunc.PythonModel):
                                                                        device)
 
     def predict(self, context, model_input, params=None):
-        arr = as_scan(model_input)
-        conf = float((params or {}).get("conf_threshold", self.config["conf_threshold"]))
+        params = params or {}
+        arr = as_scan(model_input, model_window(self.config), params.get("intensity") or "auto")
+        conf = float(params.get("conf_threshold", self.config["conf_threshold"]))
         outputs = self.predictor(stacked(arr, int(self.config["in_channels"])), conf=conf)
         return to_frame(outputs)

@@ -17,7 +17,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from ichflow.engine.figures import close, confusion_figure, roc_pr_figure
+from ichflow.engine.figures import confusion_figure, roc_pr_figure
+from ichflow.engine.figures import log_figure as _log_figure
 from ichflow.engine.stats import finite, patient_bootstrap_ci
 from ichflow.paths import eval_artifact, figure_artifact
 from ichflow.tasks.detection import analysis
@@ -77,8 +78,7 @@ def log_tables(part, preds, slices, threshold: float, split: str) -> None:
 
 
 def log_figure(fig, split: str, what: str) -> None:
-    mlflow.log_figure(fig, figure_artifact(split, what))
-    close(fig)
+    _log_figure(fig, figure_artifact(split, what))
 
 
 def log_figures(part, preds, truths, slices, bm: dict, threshold: float, split: str, seed: int = 0,
@@ -88,8 +88,8 @@ def log_figures(part, preds, truths, slices, bm: dict, threshold: float, split: 
     log_figure(confusion_figure(confusion(sm), ["no lesion", "lesion"],
                                 title=f"{split} slice-level (score >= {threshold:.3f})"), split, "confusion")
     if 0 < y.sum() < len(y):
-        log_figure(roc_pr_figure(y, slices["max_score"].to_numpy(), title=f"{split} slice-level (max box score)"),
-                   split, "slice_roc_pr")
+        log_figure(roc_pr_figure(y, slices["max_score"].to_numpy(), title=f"{split} slice-level (max box score)",
+                                 threshold=threshold), split, "slice_roc_pr")
     log_figure(analysis.pr_figure({split: bm}), split, "pr_curve")
     fig, text, gts, _ = analysis.difficulty(part, preds, truths, threshold, split)
     log_figure(fig, split, "difficulty")

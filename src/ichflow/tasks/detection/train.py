@@ -12,7 +12,6 @@ import numpy as np
 
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.degenerate import box_reasons, score_reasons
-from ichflow.engine.figures import close, curves_figure
 from ichflow.errors import ParameterError, check_choice, check_range
 from ichflow.paths import MODEL_CONFIG
 from ichflow.tasks.common import run_folder
@@ -114,15 +113,6 @@ class DetectionRecipe(TaskRecipe):
         max_scores = slice_scores(predictions_frame(outputs), len(part))
         return score_reasons(part["has_lesion"], max_scores, self.threshold) + box_reasons(boxes, sizes)
 
-    def figures(self, cfg: DetectionConfig, fit) -> None:
-        if not fit.history:
-            return
-        losses = [k for k in fit.history[0] if k.endswith("loss")]
-        for name, keys in (("losses", losses), ("val_map", ["val_map50", "val_map50_95"])):
-            fig = curves_figure(fit.history, keys, title=f"per-epoch {name.replace('_', ' ')}")
-            mlflow.log_figure(fig, f"figures/training_{name}.png")
-            close(fig)
-
     def export(self, cfg: DetectionConfig):
         config = {**self.engine_fit.model_config, "conf_threshold": float(self.threshold)}
         (self.folder / MODEL_CONFIG).write_text(json.dumps(config, indent=2))
@@ -143,21 +133,26 @@ def train_detection(cfg: DetectionConfig, on_epoch_end=None):
 def _log_model(weights: Path, config_path: Path, config: dict, part, registered: str | None):
     import cv2
     from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
 
     from ichflow.data.images import read_gray
     from ichflow.engine.modelio import log_pyfunc
+    from ichflow.engine.scan import INPUT_DOC, input_schema, intensity_param, record_window
     from ichflow.tasks.detection.pyfunc import OUTPUT_COLUMNS, DetectionPyfunc
 
+    # any accepted form of one scan (Tensor('object', (-1,)) passes them all through; as_scan validates)
     signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+        inputs=input_schema(),
         outputs=Schema([ColSpec("long", "slice_index"), *(ColSpec("double", c) for c in OUTPUT_COLUMNS[1:])]),
-        params=ParamSchema([ParamSpec("conf_threshold", "double", float(config["conf_threshold"]))]))
+        params=ParamSchema([ParamSpec("conf_threshold", "double", float(config["conf_threshold"])),
+                            intensity_param()]))
+    config, recorded = record_window(config)   # the window of its 8-bit input, in model_config.json and metadata
+    config_path.write_text(json.dumps(config, indent=2))
     # a small real example: three consecutive slices of one scan, downsized to keep the example file small
     first = part.sort_values(["patient_id", "slice_index"]).head(3)
     example = np.stack([cv2.resize(read_gray(p), (128, 128), interpolation=cv2.INTER_AREA)
                         for p in first["source_image"]]).astype(np.uint8)
     return log_pyfunc(DetectionPyfunc(), artifacts={"weights": str(weights), "config": str(config_path)},
                       signature=signature, input_example=example, registered_model_name=registered,
-                      metadata={"task": "detection", "engine": config["engine"],
+                      metadata={"task": "detection", "engine": config["engine"], **recorded, "input": INPUT_DOC,
                                 "output": "DataFrame slice_index, x1, y1, x2, y2, score"})

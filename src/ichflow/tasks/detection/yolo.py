@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -169,9 +170,11 @@ def _results_csv_trainer():
     """Ultralytics' DetectionTrainer, reading its own results.csv back with the csv module.
 
     Ultralytics imports polars (a 50 MB wheel) only to put results.csv into each checkpoint; without it a GPU
-    box that gets packages as carried wheels could not save a checkpoint.
+    box that gets packages as carried wheels could not save a checkpoint. Its two plots that need polars
+    (labels.jpg, results.png) are skipped there.
     """
     import csv
+    import importlib.util
 
     from ultralytics.models.yolo.detect import DetectionTrainer
 
@@ -181,6 +184,8 @@ def _results_csv_trainer():
         except ValueError:
             return text
 
+    has_polars = importlib.util.find_spec("polars") is not None
+
     class ResultsCsvTrainer(DetectionTrainer):
         def read_results_csv(self):
             try:
@@ -189,6 +194,14 @@ def _results_csv_trainer():
             except OSError:
                 return {}
             return {k.strip(): [number(r[k]) for r in rows] for k in (rows[0] if rows else {})}
+
+        def plot_training_labels(self):  # labels.jpg: Ultralytics reads the boxes with polars
+            if has_polars:
+                super().plot_training_labels()
+
+        def plot_metrics(self):  # results.png: Ultralytics reads results.csv with polars
+            if has_polars:
+                super().plot_metrics()
 
     return ResultsCsvTrainer
 
@@ -201,7 +214,7 @@ def train_args(cfg, data_yaml: Path, project: Path, device: torch.device) -> dic
         seed=cfg.seed, deterministic=True, optimizer="AdamW", lr0=cfg.lr, weight_decay=cfg.weight_decay,
         cos_lr=True, warmup_epochs=min(3.0, max(0.0, cfg.epochs * 0.1)),
         close_mosaic=min(cfg.close_mosaic, cfg.epochs // 3), amp=amp_arg(device, cfg.amp), cache="ram",
-        single_cls=True, plots=False, verbose=False, val=True, max_det=cfg.max_det,
+        single_cls=True, plots=cfg.evaluate_test, verbose=False, val=True, max_det=cfg.max_det,
         pretrained=cfg.model.endswith(".pt"), **augment_args(cfg.aug_strength, cfg.mosaic))
 
 
@@ -247,6 +260,16 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device, budget
                      stopped_by_time_budget=budget.reached, checkpoint=str(best))
 
 
+def log_ultralytics_plots(folder: Path) -> None:
+    """Ultralytics' own PNGs of its training folder (results.png; on the val split at the end: PR / F1 / P / R
+    curves, confusion matrices) as ``figures/training_yolo_<name>.png``."""
+    for png in sorted(folder.glob("*.png")):
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / f"training_yolo_{png.stem.lower()}.png"
+            shutil.copyfile(png, target)
+            mlflow.log_artifact(str(target), artifact_path="figures")
+
+
 class YoloEngine:
     """Ultralytics YOLOv8 on the exported YOLO dataset (``dataset.export_yolo``)."""
 
@@ -270,6 +293,7 @@ class YoloEngine:
         for extra in ("args.yaml", "results.csv"):
             if (fit.weights.parent.parent / extra).exists():
                 mlflow.log_artifact(str(fit.weights.parent.parent / extra), artifact_path="yolo")
+        log_ultralytics_plots(fit.weights.parent.parent)
         fit.model_config = {"engine": self.name, "imgsz": cfg.imgsz, "in_channels": cfg.in_channels,
                             "max_det": cfg.max_det, "model": resolve_model(cfg.model)}
         self.predictor = YoloPredictor(fit.weights, cfg.imgsz, device, cfg.max_det)

@@ -55,6 +55,9 @@ class MultilabelConfig(TrainConfig):
                                       # (on CT-ICH it did not raise the out-of-fold AUC: reports/multilabel_ctich.md)
     threshold_goal: str = "f1"        # per class on inner validation: f1 | recall (>= target_recall)
     target_recall: float = 0.9        # threshold_goal=recall: the recall each class's threshold must reach
+    cv_repeats: int = 1               # repeated patient CV: R fold sets (repeat r > 0 re-deals the folds with
+    #                                   seed split_seed + r); the out-of-fold headline averages each slice's R
+    #                                   held-out scores, and the spread over repeats is logged (_repeat_sd)
     final_model: str = choice("best_fold", FINAL_MODELS)  # the registered model: the best fold's, or one more
     #                                                       trained on all folds but one (see the package doc)
 

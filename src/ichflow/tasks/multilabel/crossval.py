@@ -3,7 +3,7 @@
 Fold ``k`` trains on every CV fold but ``k`` and its inner validation fold ``(k + 1) mod K``; the inner
 validation picks the checkpoint (macro-AUC, ties broken by the lower loss) and the per-class thresholds; the
 held-out fold ``k`` is scored once. The child run logs its inputs, per-epoch curves, ``val_*``, ``heldout_*``,
-``threshold_<class>`` and ``figures/training_curves.png`` / ``figures/heldout_multilabel_confusion.png``.
+``threshold_<class>`` and ``figures/heldout_multilabel_confusion.png``.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
 from ichflow.engine import figures
@@ -32,25 +33,29 @@ log = logging.getLogger(__name__)
 
 
 def assign_folds(manifest, prep, classes: list[str], cfg):
-    """(fold per patient, source, fold warnings, CV digest): warnings logged, tagged and re-raised; the fold
-    table logged as eval/cv_folds.csv; the CV digest tagged as the run's split digest."""
+    """(fold per patient of each repeat, source, fold warnings, CV digest): warnings logged, tagged and
+    re-raised; the fold table logged as eval/cv_folds.csv (a ``repeat`` column when ``cv_repeats`` > 1); the CV
+    digest (of every repeat's folds) tagged as the run's split digest."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", cvf.FoldWarning)
-        folds, source = cvf.cv_folds(manifest, prep.split, classes, cfg.n_folds, seed=cfg.split_seed,
-                                     exclude_test=not cfg.evaluate_test)
-    fold_warnings = [str(w.message) for w in caught if issubclass(w.category, cvf.FoldWarning)]
+        dealt = [cvf.cv_folds(manifest, prep.split, classes, cfg.n_folds, seed=cfg.split_seed,
+                              exclude_test=not cfg.evaluate_test, repeat=r) for r in range(cfg.cv_repeats)]
+    source = dealt[0][1] + (f" + {cfg.cv_repeats - 1} re-dealt repeat(s)" if cfg.cv_repeats > 1 else "")
+    fold_warnings = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, cvf.FoldWarning)))
     for msg in fold_warnings:
         log.warning(msg)
         warnings.warn(msg, cvf.FoldWarning, stacklevel=2)
-    table = cvf.fold_table(folds, cvf.patient_labels(manifest, classes))
+    plabels = cvf.patient_labels(manifest, classes)
+    tables = [cvf.fold_table(folds, plabels).assign(repeat=r) for r, (folds, _) in enumerate(dealt)]
+    table = pd.concat(tables, ignore_index=True) if cfg.cv_repeats > 1 else tables[0].drop(columns="repeat")
     log_fold_table(table)
-    digest = frame_digest(table[["patient_id", "fold"]])
+    digest = frame_digest(table[[c for c in ("repeat", "patient_id", "fold") if c in table.columns]])
     # candidates are comparable when they were cross-validated on the same folds (registry rule)
     mlflow.set_tags({"ichflow.split_digest": digest, "ichflow.cv_folds": source,
                      "ichflow.prepare_split_digest": prep.split_digest})
     if fold_warnings:
         mlflow.set_tag("ichflow.fold_warnings", " | ".join(fold_warnings)[:5000])
-    return folds, source, fold_warnings, digest
+    return [folds for folds, _ in dealt], source, fold_warnings, digest
 
 
 @dataclass
@@ -84,21 +89,25 @@ class FoldOutcome:
     rows: np.ndarray              # held-out rows
     probs: np.ndarray             # their probabilities (smoothed with scan_context)
     scan_context: str = "none"    # chosen on the inner validation
+    repeat: int = 0               # the CV repeat it belongs to
 
 
 def run_fold(ctx: CVContext, name: str, k: int, val: int, held: int | None, on_epoch_end=None,
-             step_offset: int = 0) -> FoldOutcome:
-    """Train and score fold ``k`` in a nested run; ``on_epoch_end(step_offset + epoch, metrics)``."""
+             step_offset: int = 0, repeat: int = 0) -> FoldOutcome:
+    """Train and score fold ``k`` (of CV repeat ``repeat``) in a nested run; ``on_epoch_end(step_offset + epoch,
+    metrics)``."""
     parts = ctx.parts(held, val)
     cfg = ctx.cfg
-    with mlflow.start_run(run_name=name, nested=True, tags={"ichflow.task": "multilabel", "ichflow.fold": str(k)}):
+    seed = cfg.seed + k + 1000 * repeat
+    with mlflow.start_run(run_name=name, nested=True, tags={"ichflow.task": "multilabel", "ichflow.fold": str(k),
+                                                            "ichflow.cv_repeat": str(repeat)}):
         _log_inputs(ctx, name, k, val, parts)
         norm = ctx.data.normalizer(parts["train"], seed=cfg.seed)
-        seed_everything(cfg.seed + k)
+        seed_everything(seed)
         model = sc.train_model(cfg, len(ctx.classes), ctx.device)
         hook = None if on_epoch_end is None else (lambda epoch, metrics: on_epoch_end(step_offset + epoch, metrics))
-        fit, loaders = _train(ctx, model, parts, norm, cfg.seed + k, hook)
-        outcome = _score(ctx, name, model, fit, loaders, parts, norm)
+        fit, loaders = _train(ctx, model, parts, norm, seed, hook)
+        outcome = _score(ctx, name, model, fit, loaders, parts, norm, repeat)
         _log_outcome(ctx, outcome)
         model.cpu()
         return outcome
@@ -147,7 +156,7 @@ def pos_weight_for(labels: np.ndarray, mode: str, mult: np.ndarray, sample_weigh
 
 
 def _score(ctx: CVContext, name: str, model, fit: FitResult, loaders: dict, parts: dict,
-           norm: Normalizer) -> FoldOutcome:
+           norm: Normalizer, repeat: int = 0) -> FoldOutcome:
     """Per-class thresholds and metrics on the inner validation; held-out metrics at those thresholds."""
     cfg, y, manifest = ctx.cfg, ctx.y, ctx.data.manifest
     val_p, _ = sc.predict_probs(model, loaders["val"], ctx.device, ctx.amp)
@@ -164,7 +173,7 @@ def _score(ctx: CVContext, name: str, model, fit: FitResult, loaders: dict, part
         held_p, _ = sc.predict_probs(model, loaders["heldout"], ctx.device, ctx.amp)
         held_p = sc.smooth_rows(manifest, parts["heldout"], held_p, context)
         held_m = mm.multilabel_metrics(y[parts["heldout"]], held_p, thresholds, ctx.classes)
-    return FoldOutcome(name, fit, val_m, held_m, thresholds, norm, parts["heldout"], held_p, context)
+    return FoldOutcome(name, fit, val_m, held_m, thresholds, norm, parts["heldout"], held_p, context, repeat)
 
 
 def _log_outcome(ctx: CVContext, o: FoldOutcome) -> None:
@@ -172,14 +181,10 @@ def _log_outcome(ctx: CVContext, o: FoldOutcome) -> None:
     logged.update({f"threshold_{c}": t for c, t in zip(ctx.classes, o.thresholds)})
     mlflow.log_metrics(finite({**logged, "best_epoch": o.fit.best_epoch, "epochs_run": o.fit.epochs_run,
                                "train_seconds": o.fit.train_seconds}), step=o.fit.epochs_run)
-    fig = figures.curves_figure(o.fit.history, ["train_loss", "val_loss", "val_macro_auc"], title=o.name)
-    mlflow.log_figure(fig, figure_artifact("training", "curves"))
-    figures.close(fig)
-    if len(o.rows):
+    if len(o.rows):   # the per-epoch curves are MLflow metrics (its charts draw them): no PNG of them
         fig = mm.multilabel_confusion_figure(ctx.y[o.rows], o.probs, o.thresholds, ctx.classes,
                                              title=f"{o.name}: held-out fold")
-        mlflow.log_figure(fig, figure_artifact("heldout", "multilabel_confusion"))
-        figures.close(fig)
+        figures.log_figure(fig, figure_artifact("heldout", "multilabel_confusion"))
 
 
 def best_fold(outcomes: list[FoldOutcome]) -> int:
@@ -199,19 +204,35 @@ def summarise(outcomes: list[FoldOutcome], best: int) -> FitResult:
 
 
 def out_of_fold(outcomes: list[FoldOutcome]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, probabilities, 0/1 predictions at each fold's own thresholds) of every held-out slice."""
-    return (np.concatenate([o.rows for o in outcomes]), np.concatenate([o.probs for o in outcomes]),
-            np.concatenate([o.probs >= o.thresholds[None, :] for o in outcomes]))
+    """(rows, probabilities, 0/1 predictions at each fold's own thresholds) of every held-out slice, rows sorted.
+
+    With repeated CV every slice is held out once per repeat: its probability is the mean of its held-out
+    scores and its call the majority of its calls (ties count as positive)."""
+    rows = np.concatenate([o.rows for o in outcomes])
+    probs = np.concatenate([o.probs for o in outcomes])
+    calls = np.concatenate([o.probs >= o.thresholds[None, :] for o in outcomes]).astype(float)
+    order, index, counts = np.unique(rows, return_inverse=True, return_counts=True)
+    mean_p = np.zeros((len(order), probs.shape[1]))
+    mean_call = np.zeros_like(mean_p)
+    np.add.at(mean_p, index, probs)
+    np.add.at(mean_call, index, calls)
+    return order, (mean_p / counts[:, None]).astype(np.float32), mean_call / counts[:, None] >= 0.5
+
+
+def out_of_fold_by_repeat(outcomes: list[FoldOutcome]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """:func:`out_of_fold` of each CV repeat on its own."""
+    return [out_of_fold([o for o in outcomes if o.repeat == r]) for r in sorted({o.repeat for o in outcomes})]
 
 
 def fold_rows(ctx: CVContext, outcomes: list[FoldOutcome]) -> list[dict]:
     """One row per fold: epochs, inner-validation and held-out metrics, thresholds (eval/cv_fold_metrics.csv)."""
-    return [{"fold": k, "best_epoch": o.fit.best_epoch, "epochs_run": o.fit.epochs_run,
+    return [{"run": o.name, "repeat": o.repeat, "fold": k % ctx.cfg.n_folds, "best_epoch": o.fit.best_epoch, "epochs_run": o.fit.epochs_run,
              **{f"val_{kk}": v for kk, v in o.val.items()}, **{f"heldout_{kk}": v for kk, v in o.heldout.items()},
              **{f"threshold_{c}": t for c, t in zip(ctx.classes, o.thresholds)}} for k, o in enumerate(outcomes)]
 
 
 def fold_support(ctx: CVContext, outcomes: list[FoldOutcome]) -> list[dict]:
     """Positives per class of each held-out fold (eval/cv_support_per_fold.csv)."""
-    return [{"fold": k, **mm.support(ctx.data.manifest.loc[o.rows], ctx.y[o.rows], ctx.classes)}
+    return [{"run": o.name, "repeat": o.repeat, "fold": k % ctx.cfg.n_folds,
+             **mm.support(ctx.data.manifest.loc[o.rows], ctx.y[o.rows], ctx.classes)}
             for k, o in enumerate(outcomes)]

@@ -79,10 +79,11 @@ def fold_problems(plabels: pd.DataFrame, folds: pd.Series, n_folds: int) -> tupl
 
 
 def cv_folds(manifest: pd.DataFrame, split: pd.DataFrame, classes: list[str], n_folds: int, seed: int = 0,
-             exclude_test: bool = False) -> tuple[pd.Series, str]:
+             exclude_test: bool = False, repeat: int = 0) -> tuple[pd.Series, str]:
     """Fold per patient for cross-validation, and where it came from ('split.fold' or 'stratified').
 
     ``exclude_test``: leave the patients of the holdout test split out entirely (tuning trials).
+    ``repeat`` > 0: a repeated CV's further fold set, always re-dealt (seed ``seed + repeat``).
     """
     plabels = patient_labels(manifest, classes)
     if exclude_test:
@@ -94,7 +95,9 @@ def cv_folds(manifest: pd.DataFrame, split: pd.DataFrame, classes: list[str], n_
     given = split.assign(patient_id=split["patient_id"].astype(str)).set_index("patient_id")["fold"]
     given = given.reindex(plabels.index)
     source = "split.fold"
-    if given.isna().any() or given.nunique() != n_folds or fold_problems(plabels, given.astype(int), n_folds)[1]:
+    if repeat:
+        folds, source = stratified_folds(plabels, n_folds, seed + repeat), f"stratified (repeat {repeat})"
+    elif given.isna().any() or given.nunique() != n_folds or fold_problems(plabels, given.astype(int), n_folds)[1]:
         folds, source = stratified_folds(plabels, n_folds, seed), "stratified"
     else:
         folds = given.astype(int).rename("fold")

@@ -172,20 +172,24 @@ def multilabel_confusion_figure(y: np.ndarray, p: np.ndarray, thresholds, classe
     y = np.asarray(y).reshape(len(y), -1) > 0
     pred = np.asarray(p) >= np.asarray(thresholds, dtype=float)[None, :]
     mcm = multilabel_confusion_matrix(y, pred)
-    fig, axes = figures.plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3.4), squeeze=False)
-    for ax, cm, c in zip(axes[0], mcm, classes):
+    rows, cols = figures.grid_shape(len(classes), 4)
+    fig, axes = figures.new_figure(rows, cols, width_in=3.4 * cols + 1.2, height_in=3.4 * rows + 0.8)
+    for ax in axes.ravel()[len(classes):]:
+        ax.axis("off")
+    im = None
+    for ax, cm, c in zip(axes.ravel(), mcm, classes):
         norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
-        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-        for (r, k), v in np.ndenumerate(cm):
-            ax.text(k, r, f"{v}\n{norm[r, k]:.2f}", ha="center", va="center",
-                    color="white" if norm[r, k] > 0.5 else "black", fontsize=9)
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        figures.annotate_cells(ax, im, [[f"{v}\n{norm[r, k]:.2f}" for k, v in enumerate(row)]
+                                        for r, row in enumerate(cm)], fontsize=9)
         ax.set_xticks([0, 1], [f"no {c}", c])
         ax.set_yticks([0, 1], [f"no {c}", c])
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("truth")
+        ax.set_xlabel("Predicted")
+        ax.set_ylabel("True")
         ax.set_title(c)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="fraction of the true row")
     fig.suptitle(title or "Per-class confusion (counts, fraction of truth row)")
-    fig.tight_layout()
     return fig
 
 
@@ -198,17 +202,14 @@ def cooccurrence_figure(y: np.ndarray, pids: np.ndarray, classes: list[str], pre
     if pred is not None:
         pr = np.asarray(pred).reshape(len(pred), -1) > 0
         panels.append(("predicted: slices", pr.T.astype(int) @ pr.astype(int)))
-    fig, axes = figures.plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    fig, axes = figures.new_figure(1, len(panels), width_in=4.2 * len(panels), height_in=5.0)
     for ax, (name, mat) in zip(axes[0], panels):
-        ax.imshow(mat, cmap="Oranges")
-        for (r, k), v in np.ndenumerate(mat):
-            ax.text(k, r, str(v), ha="center", va="center", fontsize=9,
-                    color="white" if v > mat.max() / 2 else "black")
-        ax.set_xticks(range(len(classes)), classes)
+        im = ax.imshow(mat, cmap="Oranges", vmin=0, vmax=max(int(mat.max()), 1))
+        figures.annotate_cells(ax, im, [[str(v) for v in row] for row in mat], fontsize=9)
+        ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
         ax.set_yticks(range(len(classes)), classes)
         ax.set_title(name)
-    fig.suptitle("Label co-occurrence")
-    fig.tight_layout()
+    fig.suptitle("Label co-occurrence (diagonal: slices / patients with the class)")
     return fig
 
 

@@ -58,14 +58,17 @@ def log_fold_table(table: pd.DataFrame) -> None:
 
 
 def log_cv_tables(fold_rows: list[dict], fold_support: list[dict], metrics: dict, sup: dict, classes: list[str],
-                  n_folds: int) -> None:
+                  n_folds: int, repeats: int = 1) -> None:
     """Per-fold metrics and support, and the markdown summary: the pooled out-of-fold headline (``oof_*`` with
     CIs, fold means beside), then the held-out folds (``cv_*``) and the inner validation (``val_*``)."""
     mlflow.log_text(pd.DataFrame(fold_rows).to_csv(index=False), eval_artifact("cv", "fold_metrics"))
     mlflow.log_text(pd.DataFrame(fold_support).to_csv(index=False), eval_artifact("cv", "support_per_fold"))
+    repeated = (f" × {repeats} repeats (each repeat deals the patients into new folds; a slice's out-of-fold "
+                f"score is the mean of its {repeats} held-out scores; the spread over repeats: "
+                f"`oof_*_repeat_mean` / `_repeat_sd`)") if repeats > 1 else ""
     text = ["# Subtype cross-validation", "",
-            f"{n_folds} patient-level folds. Out-of-fold: every patient's slices scored once by the fold model "
-            "that did not train on it, pooled; 95 % CI by a percentile bootstrap over patients "
+            f"{n_folds} patient-level folds{repeated}. Out-of-fold: every patient's slices scored by the fold "
+            "model that did not train on it, pooled; 95 % CI by a percentile bootstrap over patients "
             f"({mm.N_BOOT} resamples). Beside it the mean ± sd over the held-out folds.", "",
             mm.headline_markdown(metrics, sup, classes), "",
             "Held-out folds, mean ± sd over folds (folds where defined):", "",
@@ -86,10 +89,11 @@ def cv_lines(result, support: dict, classes: list[str]) -> list[str]:
 
     lines = [f"{c}: {support[f'{c}_slices']} slices / {support[f'{c}_patients']} patients; out-of-fold ROC-AUC "
              f"{both(c + '_roc_auc')}; PR-AUC {both(c + '_pr_auc')}" for c in classes]
-    return lines + [f"out-of-fold macro AUC {both('macro_auc')}; macro F1 {both('macro_f1')}; "
+    spread = (f" (over CV repeats {result['oof_macro_auc_repeat_mean']:.3f} ± {result['oof_macro_auc_repeat_sd']:.3f})"
+              if "oof_macro_auc_repeat_sd" in result else "")
+    return lines + [f"out-of-fold macro AUC {both('macro_auc')}{spread}; macro F1 {both('macro_f1')}; "
                     f"final model {result.get('final_model')}"]
 
 
 def _log(fig, path: str) -> None:
-    mlflow.log_figure(fig, path)
-    figures.close(fig)
+    figures.log_figure(fig, path)

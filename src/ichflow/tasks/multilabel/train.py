@@ -12,6 +12,10 @@ The headline is the pooled out-of-fold per-class ROC-AUC / PR-AUC and macro AUC 
 CIs (``oof_<class>_roc_auc_ci_low`` / ``_ci_high``, ...): a fold holds one or two patients of a rare class, so
 a fold's AUC, and the mean of five of them, rests on very few patients.
 With ``evaluate_test=False`` (tuning trials) the holdout test patients are left out of the CV entirely.
+``cv_repeats=R`` repeats the CV R times on newly dealt folds (R × k child runs): each slice's out-of-fold
+probability is the mean of its R held-out scores (an ensemble of R models, which the registered single model
+is not), and the pooled AUCs of each repeat on its own give ``oof_*_repeat_mean`` / ``_repeat_sd``: the
+single-model estimate and the variance of one fold assignment, which one CV cannot show.
 
 Model ``ich-subtypes``: ``final_model=best_fold`` (default) is the fold model with the best inner-validation
 macro-AUC (its thresholds and normalisation); ``final_model=refit`` trains one more model on all folds but
@@ -62,6 +66,7 @@ class MultilabelRecipe(TaskRecipe):
         for name, choices in (("pos_weight", POS_WEIGHTS), ("sampler", SAMPLERS), ("final_model", FINAL_MODELS),
                               ("threshold_goal", sc.THRESHOLD_GOALS), ("scan_context", sc.SCAN_CONTEXT_CHOICES)):
             check_choice(name, getattr(cfg, name), choices)
+        check_range("cv_repeats", cfg.cv_repeats, 1)
         if cfg.n_folds < 3:
             raise ParameterError("n_folds", f"must be at least 3 (train, inner validation and held-out folds); "
                                             f"got {cfg.n_folds}")
@@ -88,22 +93,26 @@ class MultilabelRecipe(TaskRecipe):
     def setup(self, cfg: MultilabelConfig) -> None:
         manifest = self.prep.manifest.reset_index(drop=True)
         y = manifest[self.classes].astype("Float64").fillna(0).to_numpy(dtype=np.float32)
-        folds, self.fold_source, self.fold_warnings, self.cv_digest = cv.assign_folds(
+        fold_sets, self.fold_source, self.fold_warnings, self.cv_digest = cv.assign_folds(
             manifest, self.prep, self.classes, cfg)
-        fold_of_row = manifest["patient_id"].astype(str).map(folds).fillna(-1).astype(int).to_numpy()
-        in_cv = fold_of_row >= 0
+        fold_of_rows = [manifest["patient_id"].astype(str).map(folds).fillna(-1).astype(int).to_numpy()
+                        for folds in fold_sets]
+        in_cv = fold_of_rows[0] >= 0
         self.support = mm.support(manifest[in_cv], y[in_cv], self.classes)
         mlflow.log_metrics({f"support_{k}": v for k, v in self.support.items()})
         data = sc.SliceData.load(manifest, cfg.image_size)
         self.ctx = cv.CVContext(cfg, self.classes, self.mult, data, y, self.device,
-                                amp_dtype(self.device, cfg.amp), fold_of_row)
-        mlflow.log_params({"device_used": str(self.device), "n_classes": len(self.classes), "cv_patients": len(folds)})
+                                amp_dtype(self.device, cfg.amp), fold_of_rows[0])
+        self.repeat_ctxs = [dataclasses.replace(self.ctx, fold_of_row=f) for f in fold_of_rows]
+        mlflow.log_params({"device_used": str(self.device), "n_classes": len(self.classes),
+                           "cv_patients": len(fold_sets[0])})
 
     def fit(self, cfg: MultilabelConfig, on_epoch_end):
-        """Every fold; ``on_epoch_end(fold * epochs + epoch, inner-validation metrics)``."""
+        """Every fold of every repeat; ``on_epoch_end(run index * epochs + epoch, inner-validation metrics)``."""
         K = cfg.n_folds
-        self.outcomes = [cv.run_fold(self.ctx, f"fold-{k}", k, (k + 1) % K, k, on_epoch_end, k * cfg.epochs)
-                         for k in range(K)]
+        self.outcomes = [cv.run_fold(ctx, f"fold-{k}" if cfg.cv_repeats == 1 else f"repeat-{r}-fold-{k}", k,
+                                     (k + 1) % K, k, on_epoch_end, (r * K + k) * cfg.epochs, repeat=r)
+                         for r, ctx in enumerate(self.repeat_ctxs) for k in range(K)]
         self.best = cv.best_fold(self.outcomes)
         return cv.summarise(self.outcomes, self.best)
 
@@ -112,7 +121,7 @@ class MultilabelRecipe(TaskRecipe):
             return {}
         K = cfg.n_folds
         if cfg.final_model == "refit":
-            self.final = cv.run_fold(self.ctx, "refit", K, K - 1, None, None, K * cfg.epochs)
+            self.final = cv.run_fold(self.ctx, "refit", K, K - 1, None, None, len(self.outcomes) * cfg.epochs)
             self.chosen = f"refit on all folds but one (inner validation fold {K - 1})"
         else:
             self.final = self.outcomes[self.best]
@@ -131,14 +140,26 @@ class MultilabelRecipe(TaskRecipe):
         y, slices = self.ctx.y[rows], self.ctx.data.manifest.loc[rows]
         pids = slices["patient_id"].to_numpy()
         oof = {**mm.pooled_metrics(y, p, pred, self.classes), **mm.pooled_cis(y, p, pids, self.classes, cfg.seed)}
+        if cfg.cv_repeats > 1:
+            oof.update(self.repeat_spread())
         out = {**cv_m, **{f"test_{k[3:]}": v for k, v in cv_m.items()}, **{f"oof_{k}": v for k, v in oof.items()}}
         mlflow.log_metrics(finite(out), step=step)
         report.log_cv_tables(cv.fold_rows(self.ctx, self.outcomes), cv.fold_support(self.ctx, self.outcomes),
-                             {**self.val_agg, **out}, self.support, self.classes, cfg.n_folds)
+                             {**self.val_agg, **out}, self.support, self.classes, cfg.n_folds, cfg.cv_repeats)
         report.log_predictions("oof", slices, y, p, pred, self.classes)
         report.log_split_figures("oof", y, p, pred, pids, self.classes,
                                  title="out-of-fold (each fold's own thresholds)")
         return out
+
+    def repeat_spread(self) -> dict:
+        """``<key>_repeat_mean`` / ``_repeat_sd`` of the pooled out-of-fold AUCs of each repeat on its own: how
+        much the estimate moves when the same patients are dealt into other folds."""
+        keys = ["macro_auc", *[f"{c}_{m}" for c in self.classes for m in ("roc_auc", "pr_auc")]]
+        per_repeat = [mm.pooled_metrics(self.ctx.y[rows], p, pred, self.classes)
+                      for rows, p, pred in cv.out_of_fold_by_repeat(self.outcomes)]
+        spread = mm.aggregate([{k: m[k] for k in keys if k in m} for m in per_repeat])
+        return {**{f"{k}_repeat_mean": spread[k] for k in keys if k in spread},
+                **{f"{k}_repeat_sd": spread[f"{k}_sd"] for k in keys if k in spread}}
 
     def degenerate_reasons(self, cfg: MultilabelConfig) -> list[str]:
         """On the out-of-fold predictions (what promotion compares): a class whose scores ignore the input, or

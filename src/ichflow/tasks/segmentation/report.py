@@ -6,7 +6,8 @@ metrics (``<prefix>_*``), ``eval/<prefix>_per_patient.csv``, ``eval/<prefix>_met
 chosen; validation only, so no test-split sweep invites a choice on test),
 ``eval/<prefix>_summary.md`` (the headline table: per-patient mean [95 % CI], median and pooled Dice, IoU,
 sensitivity, HD95 in mm and NSD at the tolerance), ``figures/<prefix>_pixel_confusion.png`` and
-``figures/<prefix>_overlays.png`` (best / median / worst patient).
+``figures/<prefix>_overlays.png`` (best / median / worst patient: truth and prediction contours, TP / FP / FN
+pixels, lesion volumes in mL).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from ichflow.engine import figures
+from ichflow.engine import figures, overlays
 from ichflow.engine.stats import finite
 from ichflow.paths import eval_artifact, figure_artifact
 from ichflow.tasks.segmentation.metrics import SplitStats, select_threshold, summarise
@@ -37,7 +38,8 @@ def log_split(prefix: str, stats: SplitStats, threshold: float, step: int, pixel
     _log_figure(pixel_confusion_figure(metrics, f"{prefix}: pixel confusion at p>={threshold:g}"),
                 figure_artifact(prefix, "pixel_confusion"))
     _log_figure(overlay_figure(stats, table, threshold,
-                               f"{prefix}: best / median / worst patient (largest-edema slice)"),
+                               f"{prefix}: best / median / worst patient by Dice (slice with the most edema)",
+                               pixel_mm, slice_mm),
                 figure_artifact(prefix, "overlays"))
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
@@ -70,8 +72,7 @@ def summary_markdown(metrics: dict, prefix: str) -> str:
 
 
 def _log_figure(fig, artifact: str) -> None:
-    mlflow.log_figure(fig, artifact)
-    figures.close(fig)
+    figures.log_figure(fig, artifact)
 
 
 def pixel_confusion_figure(metrics: dict, title: str):
@@ -80,12 +81,13 @@ def pixel_confusion_figure(metrics: dict, title: str):
     return figures.confusion_figure(cm, ["background", "PHE"], title=title)
 
 
-def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, title: str):
-    """Image / truth / prediction for the best, median and worst patients by Dice (with truth).
+def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, title: str, pixel_mm: float = 0.508,
+                   slice_mm: float = 5.0):
+    """The best, median and worst patients by Dice (with truth), one row each: the slice alone; truth and
+    prediction as contours with the patient's lesion volumes (mL, predicted vs true); the TP / FP / FN pixels.
 
     Each row shows the patient's slice with the most edema, zoomed on truth and prediction.
     """
-    plt = figures.plt
     ranked = table[table["has_truth"]].sort_values("dice", ascending=False).reset_index(drop=True)
     if ranked.empty:
         ranked = table.reset_index(drop=True)
@@ -93,26 +95,25 @@ def overlay_figure(stats: SplitStats, table: pd.DataFrame, threshold: float, tit
     for label, i in (("best", 0), ("worst", n - 1), ("median", n // 2)):
         chosen.setdefault(i, label)
     picks = [(label, ranked.iloc[i]) for i, label in sorted(chosen.items())]
-    fig, axes = plt.subplots(len(picks), 3, figsize=(10, 3.4 * len(picks)), squeeze=False)
+    fig, axes = figures.new_figure(len(picks), 3, width_in=12, height_in=4.0 * len(picks) + 1.0)
+    voxel_ml = pixel_mm * pixel_mm * slice_mm / 1000.0
     for r, (label, row) in enumerate(picks):
         image, truth, prob, sidx = stats.examples[row["patient_id"]]
         pred = prob.astype(np.float32) >= threshold
+        truth = truth.astype(bool)
+        slice_ml = (pred.sum() * voxel_ml, truth.sum() * voxel_ml)
         window = _zoom(truth | pred, image.shape)
-        image, truth, pred = image[window], truth[window], pred[window]
-        axes[r, 0].imshow(image, cmap="gray")
-        axes[r, 0].set_title(f"{label}: patient {row['patient_id']} slice {sidx}\n3D Dice {row['dice']:.3f}",
-                             fontsize=9)
-        for ax, m, colour, name in ((axes[r, 1], truth, (0.1, 0.9, 0.1), "truth"),
-                                    (axes[r, 2], pred, (0.95, 0.2, 0.1), f"prediction (p>={threshold:g})")):
-            ax.imshow(image, cmap="gray")
-            rgba = np.zeros((*m.shape, 4))
-            rgba[m] = (*colour, 0.55)
-            ax.imshow(rgba)
-            ax.set_title(name, fontsize=9)
-        for ax in axes[r]:
-            ax.axis("off")
+        text = overlays.volume_text(float(row["pred_ml"]), float(row["truth_ml"]), *slice_ml) \
+            if "pred_ml" in row else ""
+        draw_axes = axes[r]
+        overlays.draw_segmentation(draw_axes, image[window], truth[window], pred[window], corner_text=text)
+        draw_axes[0].set_title(f"{label}: patient {row['patient_id']}, slice {sidx}\n3D Dice {_fmt(row['dice'], 3)}",
+                               fontsize=9)
+        draw_axes[1].set_title(f"truth (solid) vs prediction (dashed, p ≥ {threshold:g})", fontsize=9)
+        draw_axes[2].set_title("TP / FP / FN pixels", fontsize=9)
+    fig.legend(handles=overlays.segmentation_legend_handles(threshold), loc="outside lower center", ncols=5,
+               fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 

@@ -26,7 +26,6 @@ import torch
 
 from ichflow.data.manifest import MASK_READERS
 from ichflow.data.splits import subset
-from ichflow.engine import figures
 from ichflow.engine.augment import Normalizer
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.degenerate import mask_reasons
@@ -35,7 +34,7 @@ from ichflow.engine.slices import neighbour_indices, slice_cache
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
 from ichflow.errors import DataError
-from ichflow.paths import CHECKPOINT, eval_artifact, figure_artifact
+from ichflow.paths import CHECKPOINT, eval_artifact
 from ichflow.prepare import prepare_data
 from ichflow.tasks.common import make_loader, run_folder
 from ichflow.tasks.recipe import TaskRecipe, TaskResult, run_task
@@ -200,7 +199,6 @@ class SegmentationRecipe(TaskRecipe):
                           mode="max", patience=cfg.patience, checkpoint=run_folder() / CHECKPOINT,
                           steps_per_epoch=cfg.steps_per_epoch, on_epoch_end=hook,
                           budget=TimeBudget(cfg.time_budget_min, cfg.epochs))
-        self._log_curves(fit)
         return Member(name, model, val_rows, fit, best["stats"], best["scans"])
 
     def _train_nnunet(self, cfg: SegmentationConfig, name: str, train_rows, val_rows, hook) -> Member:
@@ -237,13 +235,6 @@ class SegmentationRecipe(TaskRecipe):
                    min_voxels: int = 0) -> ScanPredictor:
         return ScanPredictor(models, self.normalizer, cfg.in_channels, self.device, cfg.eval_batch_size, self.amp,
                              tta, threshold, min_voxels)
-
-    def _log_curves(self, fit: FitResult) -> None:
-        for name, keys in (("loss_curves", ["train_loss", "val_loss"]),
-                           ("val_dice_curves", ["val_dice", "val_dice_pooled"])):
-            fig = figures.curves_figure(fit.history, keys, title=name.replace("_", " "))
-            mlflow.log_figure(fig, figure_artifact("training", name))
-            figures.close(fig)
 
     # ------------------------------------------------------------------------------------------ selection
     def select(self, cfg: SegmentationConfig, fit: FitResult) -> dict:
@@ -325,9 +316,6 @@ class SegmentationRecipe(TaskRecipe):
         t = stats.threshold_index(self.threshold)
         height, width = self.cache["pool"][0].shape[1:]
         return mask_reasons(stats.slice_truth, stats.slice_pred[:, t], height * width)
-
-    def figures(self, cfg: SegmentationConfig, fit: FitResult) -> None:
-        """Training curves are logged per member (:meth:`_log_curves`), in its own run."""
 
     def export(self, cfg: SegmentationConfig):
         images = self.cache["pool"][0]
