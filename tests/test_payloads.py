@@ -31,12 +31,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from ichflow.data.images import read_gray
 from ichflow.data.nifti import read_nifti, write_nifti_volume
 from ichflow.data.windows import PRESETS, apply_window, parse_window, to_hu
 from ichflow.engine.scan import PayloadError, as_scan, decode_png, decode_rle, encode_png, mask_rle
-from ichflow.prepare import DataConfig, prepare_data
-from ichflow.tasks.spec import TASKS as SPECS
 
 BRAIN = PRESETS["brain"]
 TASKS = ("segmentation", "classification", "detection", "multilabel")
@@ -191,37 +188,7 @@ def test_the_scoring_server_answers_400_with_the_message_not_the_payload(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- served
-@pytest.fixture(scope="module")
-def champion(shared_store, tiny_model):
-    """``champion(task)`` -> the session's tiny model of ``task``, made ``@champion`` now."""
-    def get(task: str):
-        res = tiny_model(task)
-        mlflow.MlflowClient().set_registered_model_alias(SPECS[task].registered_name, "champion",
-                                                         str(res["model_version"]))
-        return res
-
-    return get
-
-
-def _uri(task: str) -> str:
-    return f"models:/{SPECS[task].registered_name}@champion"
-
-
-def _scan(task: str, n: int = 3) -> np.ndarray:
-    """``n`` middle slices (512 x 512) of the first test patient of the phantom the task's tiny model saw."""
-    if task == "multilabel":
-        from ichflow.tasks.multilabel import MultilabelConfig
-
-        ml = MultilabelConfig()
-        prep = prepare_data(DataConfig(dataset=SPECS["multilabel"].synthetic_dataset,
-                                       synthetic_patients=ml.synthetic_patients,
-                                       synthetic_slices=ml.synthetic_slices, n_folds=3))
-    else:
-        prep = prepare_data(DataConfig())
-    pid = sorted(prep.split.loc[prep.split["split"] == "test", "patient_id"])[0]
-    paths = prep.manifest[prep.manifest["patient_id"] == pid].sort_values("slice_index")["image_path"].tolist()
-    mid = len(paths) // 2 - n // 2
-    return np.stack([read_gray(p) for p in paths[mid:mid + n]])
+from test_serving import _scan, _uri, champion  # noqa: E402,F401  (the served tiny models of each task)
 
 
 @contextlib.contextmanager

@@ -451,15 +451,11 @@ except ImportError:  # pragma: no cover
 class SliceClassifierModel(_PythonModel):
     """Slice classifier served by MLflow.
 
-    Input (one request = ONE scan, slices in axial order, any H, W), any of (:mod:`ichflow.engine.scan`):
-    uint8 (N, H, W) 8-bit slices windowed with the model's window (brain, as the training images; over REST
-    JSON integers); a list of base64 PNG slices (8-bit grayscale); HU as an integer (int16) array, windowed
-    by the model with its recorded window (``model_config.json`` / metadata ``window``); one base64 NIfTI
-    (``.nii.gz``) string, a HU volume. ``params={"intensity": "auto" | "uint8" | "hu"}`` (auto: integers with
-    any value outside 0..255 are HU, uint8 / PNG are 8-bit, floats must be whole numbers 0..255); anything
-    else (a 0..1 float image, NaN, ragged slices) is refused with an MlflowException (HTTP 400) saying what
-    to send. The model resizes each slice to its training size, stacks the slices below/above for 2.5D input
-    (edge slices repeated) and normalises with the training statistics.
+    Input: ONE scan, slices in axial order, any H, W: uint8 slices, base64 PNG slices, HU (int16, windowed with
+    the model's recorded window) or one base64 NIfTI; ``params={"intensity": ...}``. The contract and what is
+    refused (HTTP 400): :func:`ichflow.engine.scan.as_scan` and docs/serving.md.
+    The model resizes each slice to its training size, stacks the slices below/above for 2.5D input (edge slices
+    repeated) and normalises with the training statistics.
 
     Output: a DataFrame with one row per input slice, for each class ``c`` of the model
     ``c_probability`` (sigmoid, 0..1, averaged over axial neighbours when the model's ``scan_context`` says so:
