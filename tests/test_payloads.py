@@ -16,10 +16,7 @@ import contextlib
 import io
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -188,40 +185,7 @@ def test_the_scoring_server_answers_400_with_the_message_not_the_payload(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- served
-from test_serving import _scan, _uri, champion  # noqa: E402,F401  (the served tiny models of each task)
-
-
-@contextlib.contextmanager
-def served(uri: str, store: str):
-    """A real ``mlflow models serve -m uri --env-manager local`` process; yields its port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               MLFLOW_TRACKING_URI=store)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
-                             "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    try:
-        deadline = time.time() + 300  # the server imports torch + mlflow: slow on a busy 2-core machine
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None:
-                    raise AssertionError(proc.stdout.read().decode()[-3000:])
-                if time.time() > deadline:
-                    raise AssertionError(f"mlflow models serve -m {uri} did not answer /ping in 300 s")
-                time.sleep(1)
-        yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(30)
+from test_serving import _scan, _uri, champion, served  # noqa: E402,F401  (the served tiny models of each task)
 
 
 def _post(port: int, payload: dict) -> tuple[int, bytes, int]:

@@ -5,6 +5,7 @@ training run's checkpoint predicts, and a real ``mlflow models serve`` process a
 the in-process predictions.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -187,15 +188,13 @@ def _post(port: int, payload: dict):
         return json.loads(resp.read())["predictions"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", TASKS)
-def test_serve_round_trip(champion, task, shared_store):
-    champion(task)
+@contextlib.contextmanager
+def served(uri: str, store: str):
+    """A real ``mlflow models serve -m uri --env-manager local`` process; yields its port."""
     port = _free_port()
-    # what a user runs: the venv's bin first on PATH (the scoring server starts `python` from PATH)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               MLFLOW_TRACKING_URI=shared_store)
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", _uri(task), "--env-manager",
+               MLFLOW_TRACKING_URI=store)
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager",
                              "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
@@ -208,15 +207,9 @@ def test_serve_round_trip(champion, task, shared_store):
                 if proc.poll() is not None:
                     raise AssertionError(proc.stdout.read().decode()[-3000:])
                 if time.time() > deadline:
-                    raise AssertionError(f"mlflow models serve -m {_uri(task)} did not answer /ping in 300 s")
+                    raise AssertionError(f"mlflow models serve -m {uri} did not answer /ping in 300 s")
                 time.sleep(1)
-        arr = _scan(task)
-        payload = {"inputs": arr.tolist()}
-        if task in PARAMS:
-            payload["params"] = PARAMS[task]
-        served = _post(port, payload)
-        local = mlflow.pyfunc.load_model(_uri(task)).predict(arr, params=PARAMS.get(task))
-        _assert_same(task, served, local)
+        yield port
     finally:
         proc.terminate()
         try:
@@ -224,3 +217,17 @@ def test_serve_round_trip(champion, task, shared_store):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_serve_round_trip(champion, task, shared_store):
+    champion(task)
+    with served(_uri(task), shared_store) as port:
+        arr = _scan(task)
+        payload = {"inputs": arr.tolist()}
+        if task in PARAMS:
+            payload["params"] = PARAMS[task]
+        answer = _post(port, payload)
+        local = mlflow.pyfunc.load_model(_uri(task)).predict(arr, params=PARAMS.get(task))
+        _assert_same(task, answer, local)
