@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import ichflow  # noqa: F401  (offline environment first)
+from ichflow.metric_names import mlflow_key, run_metrics
 
 # GPU-sized configs for the half-resolution (256 px) PHE pack; each bounded so that all three fit in
 # about 6 minutes of an H100 (the recipe's budget is 8 minutes including set-up).
@@ -68,8 +69,8 @@ def run_task(name: str, data: str) -> dict:
     wall = time.perf_counter() - t0
     client = mlflow.MlflowClient()
     run = client.get_run(result["run_id"])
-    speeds = [m.value for m in client.get_metric_history(run.info.run_id, "train_images_per_s")]
-    epoch_secs = [m.value for m in client.get_metric_history(run.info.run_id, "epoch_seconds")]
+    speeds = [m.value for m in client.get_metric_history(run.info.run_id, mlflow_key("train_images_per_s"))]
+    epoch_secs = [m.value for m in client.get_metric_history(run.info.run_id, mlflow_key("epoch_seconds"))]
     if not speeds and epoch_secs:  # Ultralytics logs epoch time, not images/s: train slices / epoch time
         from ichflow.data.splits import subset
         from ichflow.prepare import prepare_data
@@ -83,7 +84,7 @@ def run_task(name: str, data: str) -> dict:
         "split_digest": run.data.tags.get("ichflow.split_digest") or run.data.tags.get("ichflow.prepare_split_digest"),
         "train_images_per_s_median": round(statistics.median(speeds), 1) if speeds else None,
         "epoch_seconds_median": round(statistics.median(epoch_secs), 2) if epoch_secs else None,
-        "metrics": {k: round(v, 4) for k, v in sorted(run.data.metrics.items())
+        "metrics": {k: round(v, 4) for k, v in sorted(run_metrics(run).items())
                     if k.startswith(("test_", "val_", "best_epoch", "epochs_run", "train_seconds", "n_"))},
     }
     return out

@@ -7,7 +7,12 @@ headless Chromium (Debian ``chromium``) and, for each page, saves a screenshot a
 * ``experiments``: the experiment list names every ``ichflow-<task>`` experiment;
 * ``artifacts-<task>``: a run's artifacts page with its confusion-matrix figure selected: the figure's file
   name is in the tree and the image is rendered (``<img alt="figures/...confusion....png">``);
+* ``run-<task>``: that run's overview page: its name, the first line of its description (the
+  ``mlflow.note.content`` tag: the test and val headline) and the first row of its headline table, e.g.
+  ``f1 0.818 [0.667, 1.000] 0.818 [0.800, 0.833]``;
 * ``model-<name>``: the registered model page of every ``ich-*`` model with ``@champion``: name and alias;
+* ``version-<name>``: the page of that model's ``@champion`` version (the newest one when the quality gate
+  left it without a champion): its number and the first line of its description (the decision);
 * ``study``: the runs of experiment ``ichflow-tune``: the newest ``tune`` run (the Optuna study), its trials
   nested under it; ``study-trial``: a trial run's page, naming the study as its parent run.
 
@@ -16,7 +21,8 @@ Usage (from the project root; the venv's python)::
     .venv/bin/python scripts/browser_check.py [--tracking-uri sqlite:///mlflow.db] [--out work/browser-check]
 
 Exit code 0 when every check passes, 1 otherwise (the report ``report.md`` / ``report.json`` in the output
-folder lists each page, its URL, the expected strings and what was missing).
+folder lists each page, its URL, the expected strings and what was missing). Expected strings are looked for in
+the page's text (tags, scripts and styles dropped, entities decoded, whitespace collapsed) and in the raw DOM.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from html import unescape
 from pathlib import Path
 
 from ichflow.tasks.spec import TASKS as TASK_SPECS
@@ -99,6 +106,55 @@ def capture(chromium: str, url: str, png: Path, html: Path, tries: int = 2) -> s
     return dom
 
 
+def page_text(dom: str) -> str:
+    """The text a reader sees: rendered Markdown splits one line into ``<strong>``, ``<code>``... elements, so
+    expected text is matched with tags dropped (scripts and styles with their content: not on screen)."""
+    text = re.sub(r"<(script|style)\b.*?</\1\s*>", " ", dom, flags=re.S | re.I)
+    text = unescape(re.sub(r"<[^>]*>", "", text))
+    return re.sub(r"\s+", " ", text.replace("\u00a0", " "))
+
+
+def plain(markdown: str) -> str:
+    """A Markdown line as its rendering reads (the markup our descriptions use: bold, code)."""
+    return re.sub(r"\s+", " ", markdown.replace("**", "").replace("`", "")).strip()
+
+
+def headline_row(note: str) -> str:
+    """The first row of a run description's headline table as the page reads it (``f1 0.818 [0.667, 1.000]
+    0.818 [0.800, 0.833]``: the renderer puts a newline between cells); "" when it has no table. The whole row,
+    name and values, so that a bare number elsewhere on the page (the metrics list) cannot pass for it."""
+    rows = [line for line in note.splitlines() if line.startswith("|")]
+    if len(rows) < 3:   # header, |---|, then the first metric
+        return ""
+    return " ".join(plain(cell) for cell in rows[2].strip().strip("|").split("|"))
+
+
+def run_page(exp_id: str, run, task: str, problems: list[str]) -> dict:
+    """The run's overview page: its name and the headline of its description."""
+    note = run.data.tags.get("mlflow.note.content", "")
+    # the first line is what shows while the UI keeps the description folded: the test/val headline
+    expect = [run.info.run_name, plain(note.split("\n")[0])]
+    headline = headline_row(note)
+    if headline:
+        expect.append(headline)
+    else:
+        problems.append(f"run {run.info.run_id} of ichflow-{task} has no description with a headline table")
+    return {"name": f"run-{task}", "route": f"#/experiments/{exp_id}/runs/{run.info.run_id}", "expect": expect,
+            "run_id": run.info.run_id}
+
+
+def version_page(name: str, version, problems: list[str]) -> dict:
+    """A model version's page: its number and the first line of its description (the promotion decision)."""
+    expect = [f"Version {version.version}"]
+    first = plain((version.description or "").strip().split("\n")[0])
+    if first:
+        expect.append(first)
+    else:
+        problems.append(f"model version {name}/{version.version} has no description")
+    return {"name": f"version-{name}", "route": f"#/models/{name}/versions/{version.version}", "expect": expect,
+            "run_id": version.run_id}
+
+
 def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], list[str]]:
     """Pages to open and what each must show, from the store itself; plus problems found in the store."""
     import mlflow
@@ -136,6 +192,7 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
         pages.append({"name": f"artifacts-{task}", "route": f"#/experiments/{exp.experiment_id}/runs/"
                       f"{run.info.run_id}/artifacts/{fig}", "expect": [Path(fig).name, f'alt="{fig}"'],
                       "run_id": run.info.run_id})
+        pages.append(run_page(exp.experiment_id, run, task, problems))
 
     for task in tasks:
         name = TASK_SPECS[task].registered_name
@@ -154,6 +211,7 @@ def plan(uri: str, tasks: list[str], study: bool = True) -> tuple[list[dict], li
             continue
         expect = [name] + (["champion", f"Version {champ.version}"] if champ else [f"Version {newest.version}"])
         pages.append({"name": f"model-{name}", "route": f"#/models/{name}", "expect": expect})
+        pages.append(version_page(name, champ or newest, problems))
 
     tune = exps.get("ichflow-tune")
     if not study:
@@ -207,7 +265,7 @@ def main(argv=None) -> int:
             png, html = out / f"{page['name']}.png", out / f"{page['name']}.html"
             t0 = time.time()
             dom = capture(chromium, url, png, html)
-            text = re.sub(r"&nbsp;|\u00a0", " ", dom)
+            text = page_text(dom)
             missing = [e for e in page["expect"] if e not in text and e not in dom]
             results.append({**page, "url": url, "png": str(png), "seconds": round(time.time() - t0, 1),
                             "dom_bytes": len(dom), "screenshot": png.exists(), "missing": missing,

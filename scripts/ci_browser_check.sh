@@ -14,6 +14,6 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 t0=$(date +%s)
-mlflow run . -e main --env-manager local -P quick=tiny
+mlflow run . -e main --env-manager local --experiment-name ichflow-pipeline -P quick=tiny
 echo "[browser-check] tiny main job: $(( $(date +%s) - t0 )) s"
 python scripts/browser_check.py --tracking-uri "${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db}" --out work/browser-check

@@ -22,6 +22,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from ichflow.metric_names import run_metrics
+
 KEYS = ("dice", "dice_median", "dice_ci_low", "dice_ci_high", "dice_pooled", "iou", "iou_pooled",
         "sensitivity", "sensitivity_pooled", "specificity", "hd95_mm", "hd95_mm_median", "hd95_mm_pooled", "nsd",
         "nsd_median", "nsd_pooled", "slice_precision", "slice_recall", "slice_f1", "volume_abs_err_ml",
@@ -60,7 +62,7 @@ def collect_run(tracking_uri: str, run_id: str, time_file: str | None) -> dict:
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     run = client.get_run(run_id)
-    m, p = run.data.metrics, run.data.params
+    m, p = run_metrics(run), run.data.params
     return {"run_id": run_id, "run_name": run.info.run_name, "status": run.info.status,
             "tracking_uri": tracking_uri, "params": {k: p[k] for k in sorted(p) if not k.startswith("norm")},
             "best_epoch": m.get("best_epoch"), "epochs_run": m.get("epochs_run"),

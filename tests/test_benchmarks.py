@@ -51,6 +51,8 @@ def test_verdict_and_format():
     assert core.fmt(None) == "n/a" and core.fmt(float("nan")) == "n/a"
     assert core.fmt(0.85671) == "0.857" and core.fmt(12345.6) == "12346"
     assert core.pct(0.0123, 2) == "1.23 %"
+    assert core.size(214600) == "215 kB" and core.size(1004159) == "1 MB" and core.size(36) == "36 B"
+    assert core.size(None) == "n/a"
 
 
 def test_parse_only():
@@ -87,6 +89,20 @@ def test_mlflow_timer_counts_calls_and_restores(tmp_path):
     assert timer.tracking_seconds >= 0 and timer.model_seconds == 0
 
 
+def _inference_task(in_process_p50: float, png_p50: float, integers_p50: float) -> dict:
+    """One task of the inference section as benchmarks/inference.py writes it (target filled in by _target)."""
+    from benchmarks.inference import _target
+
+    task = {"in_process": {"p50_ms": in_process_p50, "p95_ms": in_process_p50 * 1.1, "scan_slices_per_s": 60.0},
+            "served_png": {"payload": "base64 PNG per slice", "params": {}, "p50_ms": png_p50, "p95_ms": png_p50 * 1.2,
+                           "scan_slices_per_s": 40.0, "payload_bytes_single": 214600, "payload_bytes_scan": 6636080,
+                           "answer_bytes_single": 36, "answer_bytes_scan": 634},
+            "served": {"p50_ms": integers_p50, "p95_ms": integers_p50 * 1.2, "scan_slices_per_s": 8.0,
+                       "payload_bytes_single": 1004159, "payload_bytes_scan": 31251986, "answer_bytes_single": 36,
+                       "answer_bytes_scan": 634, "startup_seconds": 20.0}}
+    return {**task, **_target(task)}
+
+
 def _minimal_results():
     task = {"real_images_per_s": 10.0, "ceiling_images_per_s": 11.0, "ratio": 10 / 11, "ratio_incl_first_epoch": 0.8,
             "input_only_images_per_s": 200.0, "workers": 1, "torch_threads": 2, "shape": "8×3×128×128",
@@ -97,7 +113,8 @@ def _minimal_results():
                                       "off_seconds": 10, "logged_seconds": 10.1, "mlflow_calls": {"log_metrics": 0.03}},
                          "tuning": {"found": False, "note": "reports/tuning_synthetic.json does not exist yet"},
                          "inference": {"tasks": {"segmentation": {"in_process": {"p50_ms": 100, "p95_ms": 120},
-                                                                  "served": {"error": "no ping"}}}},
+                                                                  "served": {"error": "no ping"}},
+                                                 "classification": _inference_task(20.0, 26.0, 150.0)}},
                          "scaling": {"prepare": {"points": [{"factor": 1, "slices": 144, "seconds": 1.0},
                                                             {"factor": 2, "slices": 288, "seconds": 1.9}],
                                                  "exponent": 0.93}}}}
@@ -111,6 +128,39 @@ def test_render_minimal_results():
     assert "0.40 %" in text  # timed tracking overhead
     assert "What limits each ratio" in text
     assert "--only" in text
+    # inference: the compact (PNG) served p50, its ratio to in-process and the verdict, beside the integer payload
+    assert "| classification | 20 | 22 | 26 | 31.2 | **1.3** | met | 150 | 180 |" in text
+    assert "| served ÷ in-process p50 per slice, classification (base64 PNG) | ≤ 1.5 | 1.3 | met |" in text
+    assert "| served ÷ in-process p50 per slice, segmentation (base64 PNG) | ≤ 1.5 | n/a | not measured |" in text
+    assert "215 kB / 1 MB" in text and "6.64 MB / 31.3 MB" in text
+    assert "= 1.3 with a base64 PNG" in text and "7.5 with JSON integers" in text
+
+
+def test_served_png_ratio_is_the_two_p50s_and_the_target_follows_it():
+    from benchmarks.inference import _target
+
+    task = _inference_task(20.0, 26.0, 150.0)
+    assert task["served_png_p50_ratio"] == pytest.approx(task["served_png"]["p50_ms"] / task["in_process"]["p50_ms"])
+    assert core.served_png_ratio(task) == pytest.approx(1.3)
+    assert task["target"] == {"max_ratio": core.GOAL_SERVED_RATIO, "met": True}
+    assert _inference_task(20.0, 30.0, 150.0)["target"]["met"] is True            # 1.5 is within the goal
+    slow = _inference_task(20.0, 31.0, 150.0)
+    assert slow["served_png_p50_ratio"] == pytest.approx(1.55) and slow["target"]["met"] is False
+    for missing in ({"in_process": {"p50_ms": 20.0}}, {"in_process": {"p50_ms": 20.0}, "served_png": {"error": "x"}},
+                    {"error": "boom", "served_png": {"p50_ms": 26.0}}):
+        assert math.isnan(core.served_png_ratio(missing))
+        assert _target(missing) == {"served_png_p50_ratio": None,
+                                    "target": {"max_ratio": core.GOAL_SERVED_RATIO, "met": None}}
+
+
+def test_benchmark_png_is_what_the_served_model_reads():
+    import numpy as np
+
+    from benchmarks.inference import png_b64
+    from ichflow.engine.scan import as_scan
+
+    slice_u8 = np.random.default_rng(0).integers(0, 256, (64, 48), dtype=np.uint8)
+    assert np.array_equal(as_scan(np.array([png_b64(slice_u8)], dtype=object)), slice_u8[None])
 
 
 def test_render_committed_results():

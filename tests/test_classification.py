@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ichflow.errors import DataError, ParameterError
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.classification import ClassificationConfig, train_classification
 from ichflow.tasks.classification.train import ClassificationRecipe
@@ -215,13 +216,13 @@ def test_tiny_run_logs_metrics_figures_and_a_loadable_registered_model(synthetic
     assert result["objective_name"] == "val_roc_auc" and result["objective"] == result["val_roc_auc"]
     run = mlflow.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    m = run.data.metrics
+    m = run_metrics(run)
     for key in ("threshold", "val_f1", "test_accuracy", "test_precision", "test_recall", "test_f1",
                 "test_roc_auc", "test_pr_auc", "test_f1_ci_low", "test_f1_ci_high", "test_patient_recall",
                 "train_loss", "val_loss", "best_epoch"):
         assert key in m, key
     assert m["test_f1_ci_low"] <= m["test_f1"] <= m["test_f1_ci_high"]
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, mlflow_key("train_loss"))
     assert [h.step for h in history] == [0, 1]
     arts = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     for name in ("test_confusion.png", "test_patient_confusion.png", "test_roc_pr.png", "test_gradcam.png",
@@ -257,7 +258,7 @@ def test_tiny_run_page_name_description_and_system_metrics(tiny_model, shared_st
     run = mlflow.MlflowClient().get_run(result["run_id"])
     assert run.info.run_name == "classification-resnet18"
     note = run.data.tags["mlflow.note.content"]
-    m = run.data.metrics
+    m = run_metrics(run)
     assert f"| f1 | {m['val_f1']:.3f}" in note and f"{m['test_f1']:.3f} [{m['test_f1_ci_low']:.3f}, " in note
     assert "target `bleed`" in note and "reader `phe` (synthetic)" in note
     assert f"patients train {m['patients_train']:.0f} · val {m['patients_val']:.0f}" in note
@@ -277,7 +278,7 @@ def test_tuning_trial_leaves_test_untouched_and_registers_nothing(synthetic_phe)
     assert [e for e, _ in seen] == [0] and "val_roc_auc" in seen[0][1]
     assert not any(k.startswith("test_") for k in result) and "model_version" not in result
     run = mlflow.get_run(result["run_id"])
-    assert not any(k.startswith("test_") for k in run.data.metrics)
+    assert not any(k.startswith("test_") for k in run_metrics(run))
 
 
 @pytest.mark.slow
@@ -301,7 +302,7 @@ def test_mlflow_run_cli_classification(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["in_channels"] == "1" and "test_f1" in runs[0].data.metrics
+    assert runs[0].data.params["in_channels"] == "1" and "test_f1" in run_metrics(runs[0])
     assert "[classification] best epoch" in proc.stdout and "phe (synthetic)" in proc.stdout
 
 

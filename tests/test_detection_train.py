@@ -11,6 +11,7 @@ import torch
 
 import mlflow
 from ichflow.data.images import read_gray
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.tasks.detection import REGISTERED_NAME, DetectionConfig, slice_metrics, train_detection
 
@@ -59,11 +60,11 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe, monkeypatc
     assert run.info.status == "FINISHED" and run.data.tags["ichflow.task"] == "detection"
     assert "warmup_epochs" not in run.data.params and "mosaic" in run.data.params   # their args.yaml dump is not
     # per-epoch val metrics at step=epoch; the selected model's one step later (what run.data.metrics shows)
-    history = sorted(client.get_metric_history(run.info.run_id, "val_map50"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(run.info.run_id, mlflow_key("val_map50")), key=lambda m: m.step)
     assert [m.step for m in history[:-1]] == list(range(res["epochs_run"])) == [e for e, _ in seen]
     assert history[-1].step == res["epochs_run"] and history[-1].value == pytest.approx(res["val_map50"])
-    assert run.data.metrics["val_map50"] == pytest.approx(res["val_map50"])
-    assert len(client.get_metric_history(run.info.run_id, "train_box_loss")) == res["epochs_run"]
+    assert run_metrics(run)["val_map50"] == pytest.approx(res["val_map50"])
+    assert len(client.get_metric_history(run.info.run_id, mlflow_key("train_box_loss"))) == res["epochs_run"]
     assert run.data.tags["ichflow.split_digest"] == run.data.params["split_digest"]
     files = {f.path for d in ("figures", "eval") for f in client.list_artifacts(run.info.run_id, d)}
     for split in ("val", "test"):
@@ -80,13 +81,13 @@ def test_yolo_logs_into_our_run_only_learns_and_serves(synthetic_phe, monkeypatc
     # the learning path: the phantom's lesions are found on held-out patients
     assert res["test_map50"] >= 0.5, res
     assert res["objective"] == res["val_map50"] and res["objective_name"] == "val_map50"
-    assert run.data.metrics["test_map50_ci_low"] <= res["test_map50"] <= run.data.metrics["test_map50_ci_high"]
+    assert run_metrics(run)["test_map50_ci_low"] <= res["test_map50"] <= run_metrics(run)["test_map50_ci_high"]
 
     # the threshold can be re-tuned from the stored val predictions without retraining
     slices = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
                                                              artifact_path="eval/val_slices.csv"))
     again = slice_metrics(slices["max_score"].to_numpy(), slices["has_lesion"].to_numpy(), res["conf_threshold_used"])
-    assert again["f1"] == pytest.approx(run.data.metrics["val_slice_f1"])
+    assert again["f1"] == pytest.approx(run_metrics(run)["val_slice_f1"])
 
     # registered pyfunc: one test scan (N, H, W) uint8 in, boxes per slice out, same calls as the evaluation
     version = client.get_model_version(REGISTERED_NAME, str(res["model_version"]))
@@ -122,8 +123,8 @@ def test_fasterrcnn_trial_keeps_off_test_and_registry(synthetic_phe):
     assert [e for e, _ in seen] == [0] and res["epochs_run"] == 1
     assert not any(k.startswith("test_") for k in res) and "model_uri" not in res
     run = client.get_run(res["run_id"])
-    assert not any(k.startswith("test_") for k in run.data.metrics)
-    assert "val_map50" in run.data.metrics and 0.0 <= res["best_conf_threshold"] <= 1.0
+    assert not any(k.startswith("test_") for k in run_metrics(run))
+    assert "val_map50" in run_metrics(run) and 0.0 <= res["best_conf_threshold"] <= 1.0
     assert {v.version for v in client.search_model_versions(f"name='{REGISTERED_NAME}'")} == before
 
 

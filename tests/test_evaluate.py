@@ -19,6 +19,7 @@ from ichflow.data.images import read_gray
 from ichflow.errors import DataError
 from ichflow.evaluation import EvaluateConfig, run_evaluate
 from ichflow.data.splits import subset
+from ichflow.metric_names import run_metrics
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.registry import PromoteConfig, load_rule, run_promote
 from ichflow.tasks.spec import DEGENERATE_TAG, TASKS
@@ -47,8 +48,8 @@ def _prefixed(metrics: dict, prefix: str) -> dict:
 
 
 def _assert_reproduces(train_run, eval_run, ignore=NOT_REPRODUCED, rel=1e-6):
-    test = {k: v for k, v in _prefixed(train_run.data.metrics, "test").items() if k not in ignore}
-    ev = _prefixed(eval_run.data.metrics, "eval")
+    test = {k: v for k, v in _prefixed(run_metrics(train_run), "test").items() if k not in ignore}
+    ev = _prefixed(run_metrics(eval_run), "eval")
     assert set(test) <= set(ev), sorted(set(test) - set(ev))
     for key, value in test.items():
         assert ev[key] == pytest.approx(value, rel=rel, abs=1e-9), key
@@ -105,11 +106,11 @@ def test_all_patients_through_the_champion_alias(seg, store):
     exp = client.get_experiment_by_name("ichflow-evaluate")
     run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"])[0]
     prep = prepare_data(DataConfig(synthetic_patients=5))
-    assert run.data.metrics["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 5
+    assert run_metrics(run)["eval_n_patients"] == prep.manifest["patient_id"].nunique() == 5
     assert run.data.params["model_version"] == str(seg["model_version"]) and run.data.params["patients"] == "all"
     assert run.data.params["evaluated_slices"] == str(len(prep.manifest))
     assert run.data.tags["ichflow.task"] == "evaluate"
-    assert 0.0 <= run.data.metrics["eval_dice"] <= 1.0
+    assert 0.0 <= run_metrics(run)["eval_dice"] <= 1.0
 
 
 class _NotOurs(mlflow.pyfunc.PythonModel):
@@ -152,7 +153,7 @@ def test_mlflow_run_evaluate_entry_point(seg, store):
     client = mlflow.MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("evaluate-cli").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.metrics["eval_dice"] == pytest.approx(seg["test_dice"])
+    assert run_metrics(runs[0])["eval_dice"] == pytest.approx(seg["test_dice"])
 
 
 @pytest.mark.slow
@@ -181,7 +182,7 @@ def test_a_champion_from_another_split_is_compared_only_on_patients_it_did_not_t
     children = client.search_runs([promote_run.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{promote_run.info.run_id}'")
     assert len(children) == 2 and {c.data.params["evaluated_patients"] for c in children} == {str(len(unseen))}
-    by_version = {c.data.params["model_version"]: c.data.metrics for c in children}
+    by_version = {c.data.params["model_version"]: run_metrics(c) for c in children}
     assert decision.champion_metrics["val_dice"] == pytest.approx(by_version[str(seg["model_version"])]["eval_dice"])
     assert decision.candidate_metrics["val_dice"] == pytest.approx(
         by_version[decision.candidate_version]["eval_dice"])
@@ -232,12 +233,12 @@ def test_subtype_model_on_the_test_split(store, tiny_model):
     client = mlflow.MlflowClient()
     run, train = client.get_run(res["run_id"]), client.get_run(trained["run_id"])
     assert run.data.params["split_digest"] == train.data.tags["ichflow.prepare_split_digest"]
-    m = run.data.metrics
+    m = run_metrics(run)
     # the metrics the model page reports, under the training run's names (there: mean over CV folds), per class,
     # support, CIs
     rule = load_rule("multilabel")
     for key in (*rule["report"], "test_micro_f1", "test_micro_auc"):
-        assert key in train.data.metrics and "eval_" + key[len("test_"):] in m, key
+        assert key in run_metrics(train) and "eval_" + key[len("test_"):] in m, key
     for c in ("IVH", "IPH", "SAH"):
         assert f"eval_{c}_precision" in m and f"eval_{c}_threshold" in m and f"eval_support_{c}_slices" in m
     assert {"eval_macro_auc_ci_low", "eval_macro_auc_ci_high", "eval_support_patients"} <= set(m)

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from ichflow.errors import DataError, ParameterError
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.multilabel import MultilabelConfig, train_multilabel
 from ichflow.tasks.multilabel import folds as cvf
@@ -415,18 +416,18 @@ def test_cv_run_has_one_child_per_fold_aggregates_on_the_parent_and_a_registered
     assert sorted(c.info.run_name for c in children) == ["fold-0", "fold-1", "fold-2"]
     for child in children:
         assert child.info.status == "FINISHED"
-        assert "heldout_macro_auc" in child.data.metrics and "val_macro_auc" in child.data.metrics
-        assert [h.step for h in client.get_metric_history(child.info.run_id, "train_loss")] == [0]
+        assert "heldout_macro_auc" in run_metrics(child) and "val_macro_auc" in run_metrics(child)
+        assert [h.step for h in client.get_metric_history(child.info.run_id, mlflow_key("train_loss"))] == [0]
         # the scan context is chosen per fold on its inner validation, never on its held-out fold
         assert child.data.params["scan_context_used"] in sc.SCAN_CONTEXT
-        assert {f"val_macro_auc_scan_context_{c}" for c in sc.SCAN_CONTEXT} <= set(child.data.metrics)
-    m = parent.data.metrics
+        assert {f"val_macro_auc_scan_context_{c}" for c in sc.SCAN_CONTEXT} <= set(run_metrics(child))
+    m = run_metrics(parent)
     for key in ("cv_macro_auc", "cv_macro_auc_sd", "cv_IVH_roc_auc", "cv_IPH_f1", "cv_micro_f1", "test_macro_auc",
                 "test_macro_f1", "val_macro_auc", "oof_macro_auc", "support_IVH_slices", "support_SAH_patients",
                 "oof_macro_auc_ci_low", "oof_macro_auc_ci_high", "oof_IVH_roc_auc_ci_low", "oof_SAH_pr_auc_ci_high"):
         assert key in m, key
     assert m["oof_macro_auc_ci_low"] <= m["oof_macro_auc"] <= m["oof_macro_auc_ci_high"]
-    held = [c.data.metrics["heldout_macro_auc"] for c in children]
+    held = [run_metrics(c)["heldout_macro_auc"] for c in children]
     assert m["cv_macro_auc"] == pytest.approx(np.mean(held))
     assert result["objective"] == m["val_macro_auc"] and result["objective_name"] == "val_macro_auc"
     assert result["folds"] == 3 and result["fold_source"] in ("split.fold", "stratified")
@@ -485,7 +486,7 @@ def test_tuning_trial_on_a_labels_csv_keeps_test_patients_out(synthetic_ctich, t
 @pytest.mark.slow
 def test_an_any_head_trains_next_to_a_subtype(synthetic_ctich):
     result = train_multilabel(dataclasses.replace(TINY, classes="IVH,any", register=False))
-    m = mlflow.get_run(result["run_id"]).data.metrics
+    m = run_metrics(mlflow.get_run(result["run_id"]))
     for key in ("oof_any_roc_auc", "oof_any_roc_auc_ci_low", "oof_any_pr_auc_ci_high", "cv_any_roc_auc",
                 "support_any_patients"):
         assert key in m, key
@@ -500,7 +501,7 @@ def test_repeated_cv_runs_every_fold_of_every_repeat_and_logs_the_spread(synthet
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == [f"repeat-{r}-fold-{k}" for r in (0, 1) for k in (0, 1, 2)]
-    m = parent.data.metrics
+    m = run_metrics(parent)
     for key in ("oof_macro_auc", "oof_macro_auc_ci_low", "oof_macro_auc_repeat_mean", "oof_macro_auc_repeat_sd",
                 "oof_IVH_roc_auc_repeat_mean"):
         assert key in m, key

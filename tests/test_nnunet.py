@@ -16,6 +16,7 @@ import torch
 from ichflow.data.splits import subset
 from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
 from ichflow.engine.slices import slice_cache
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.prepare import DataConfig, prepare_data
 from ichflow.tasks.segmentation import SegmentationConfig, train_segmentation
 from ichflow.tasks.segmentation import pyfunc as smp_pyfunc
@@ -91,7 +92,7 @@ def test_tiny_training_streams_epochs_to_mlflow_and_predicts_probabilities(train
     assert seen == [(epoch, sorted(EPOCH_METRICS)) for epoch in range(cfg.epochs)]
     client = mlflow.MlflowClient()
     for key in EPOCH_METRICS:
-        assert [m.step for m in client.get_metric_history(run_id, key)] == list(range(cfg.epochs)), key
+        assert [m.step for m in client.get_metric_history(run_id, mlflow_key(key))] == list(range(cfg.epochs)), key
     params = client.get_run(run_id).data.params
     assert params["nnunet_configuration"] == "2d" and params["nnunet_iterations_per_epoch"] == "2"
     fit = network.fit_result
@@ -145,7 +146,7 @@ def test_engine_nnunet_runs_the_segmentation_recipe_and_registers_what_it_report
     client = mlflow.MlflowClient()
     run = client.get_run(res["run_id"])
     assert run.info.run_name == "segmentation-nnunet-2d" and run.data.params["nnunet_configuration"] == "2d"
-    assert {"train_loss", "val_pseudo_dice", "val_dice", "test_dice", "min_component_voxels"} <= set(run.data.metrics)
+    assert {"train_loss", "val_pseudo_dice", "val_dice", "test_dice", "min_component_voxels"} <= set(run_metrics(run))
     ablation = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
                                                                artifact_path="eval/inference_ablation.csv"))
     assert ablation["variant"].tolist()[0] == "nnU-Net mirroring"

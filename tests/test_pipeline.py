@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from ichflow.metric_names import run_metrics
 from ichflow.model_pages import value_text
 from ichflow.registry import load_rule
 from ichflow.tasks.spec import TASKS
@@ -45,6 +47,12 @@ def test_main_job_closing_summary_and_what_the_ui_shows(main_job, tmp_path):
     assert launch.info.run_name == "pipeline-launch" and launch.info.status == "FINISHED"
     assert launch.data.tags["ichflow.pipeline_run_id"] == run.info.run_id
 
+    # a log file, not a terminal: no progress-bar frames, none of the libraries' known per-model notes
+    console = proc.stdout + proc.stderr
+    for noise in ("Downloading artifacts", "\r", "\x1b[", "Passing a Python object as `python_model`",
+                  "Hint: Inferred schema contains integer", "Add type hints to the `predict` method",
+                  "Validating input example", "system_metrics_monitor"):
+        assert noise not in console, noise
     # the closing summary: printed (plain Markdown off a TTY), the run's description and summary.md alike
     summary = run.data.tags["mlflow.note.content"]
     assert summary in proc.stdout
@@ -61,7 +69,7 @@ def test_main_job_closing_summary_and_what_the_ui_shows(main_job, tmp_path):
             continue
         version = client.get_model_version_by_alias(spec.registered_name, "champion")
         assert champion == f"{spec.registered_name} v{version.version}"
-        metrics = client.get_run(version.run_id).data.metrics   # the champion's own training run
+        metrics = run_metrics(client.get_run(version.run_id))   # the champion's own training run
         assert val == f"{rule['primary']} {value_text(metrics, rule['primary'])}"
         assert test == f"{rule['report'][0]} {value_text(metrics, rule['report'][0])}"
     assert f"mlflow ui --backend-store-uri {uri}" in summary and "http://127.0.0.1:5000" in summary
@@ -76,13 +84,28 @@ def test_main_job_closing_summary_and_what_the_ui_shows(main_job, tmp_path):
     for task, name in RUN_NAMES.items():
         step = client.get_run(run.data.tags[f"ichflow.step.{task}"])
         assert step.info.run_name == name
-        note, metrics = step.data.tags["mlflow.note.content"], step.data.metrics
+        note, metrics = step.data.tags["mlflow.note.content"], run_metrics(step)
         key = f"test_{TASKS[task].headline[0]}"
         assert f"| {TASKS[task].headline[0]} | " in note and value_text(metrics, key) in note, (task, note)
+        # the first line (all the UI shows before "Show more") carries the test headline
+        assert f"test {TASKS[task].headline[0]} {value_text(metrics, key)}" in note.splitlines()[0], (task, note)
         assert "system/cpu_utilization_percentage" in metrics, task
     # Ultralytics' own plots of the YOLO step
     figures = {f.path for f in client.list_artifacts(run.data.tags["ichflow.step.detection"], "figures")}
     assert {"figures/training_yolo_results.png", "figures/training_yolo_boxpr_curve.png"} <= figures, figures
+
+
+@pytest.mark.slow
+def test_mlflow_ui_shows_the_main_job(main_job):
+    """scripts/browser_check.py on the main job's store: headless Chromium on `mlflow ui` pages (CI needs it)."""
+    if not shutil.which("chromium") and not os.environ.get("ICHFLOW_REQUIRE_BROWSER"):
+        pytest.skip("chromium not installed (Debian: apt-get install -y chromium); CI installs it")
+    _, _, uri = main_job
+    out = REPO / "work" / "browser-check"    # screenshots and report.md stay there for people (and CI) to look at
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "browser_check.py"), "--tracking-uri", uri,
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    report = out / "report.md"
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:] + (report.read_text() if report.exists() else "")
 
 
 def test_summary_footer_names_the_predictions_and_a_store_usable_from_anywhere(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
+from ichflow.metric_names import run_metrics
 from ichflow.prepare import DataConfig, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def test_run_prepare_logs_report_manifest_split_and_inputs():
     split = prep.split
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="data/split.csv")
     pd.testing.assert_frame_equal(pd.read_csv(path, dtype={"patient_id": str}), split.astype({"patient_id": str}))
-    assert run.data.metrics["slices"] == 144
+    assert run_metrics(run)["slices"] == 144
 
 
 def test_mlflow_run_cli_prepare(tmp_path):
@@ -52,7 +53,7 @@ def test_mlflow_run_cli_prepare(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["reader"] == "ctich"
-    assert run.data.metrics["IVH_patients"] >= 3
+    assert run_metrics(run)["IVH_patients"] >= 3
     assert "[prepare] ctich (synthetic)" in proc.stdout
 
 

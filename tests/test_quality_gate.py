@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ichflow.engine.degenerate import box_reasons, mask_reasons, score_reasons
+from ichflow.metric_names import run_metrics
 from ichflow.tasks.spec import DEGENERATE_TAG
 
 
@@ -41,7 +42,7 @@ def test_a_segmentation_model_that_learned_nothing_is_tagged_and_never_champion(
     err = capfd.readouterr().err
     run = mlflow.MlflowClient().get_run(res["run_id"])
     assert run.data.tags[DEGENERATE_TAG].startswith("empty masks on all")
-    assert res["degenerate"] == 1.0 and run.data.metrics["degenerate"] == 1.0
+    assert res["degenerate"] == 1.0 and run_metrics(run)["degenerate"] == 1.0
     assert "WARNING [segmentation] degenerate model" in err
     decision = run_promote(PromoteConfig(task="segmentation", run_id=res["run_id"]))
     version = mlflow.MlflowClient().get_model_version("ich-segmentation", decision.candidate_version)

@@ -149,12 +149,12 @@ def test_decisions_are_readable_on_the_model_pages(fresh_registry):
     promote("classification", _candidate(0.80, 0.90))
     d = promote("classification", _candidate(0.88, 0.91, test_f1=0.77))
     page = client.get_model_version("ich-classification", d.candidate_version).description
-    assert page.startswith("**Decision: PROMOTED to @champion**")
+    assert page.startswith("**Decision: PROMOTED to `@champion`**")
     assert "| val_roc_auc | 0.8800 |" in page and "+0.0800" in page and f"champion v{d.champion_version}" in page
     assert "test_f1 0.7700 [0.670, 0.820]" in page and "never decides" in page and "d1" in page
     model = client.get_registered_model("ich-classification").description
     assert model.startswith(TASKS["classification"].summary)
-    assert f"@champion: version {d.candidate_version}" in model and "val_roc_auc 0.8800" in model
+    assert f"`@champion`: version {d.candidate_version}" in model and "val_roc_auc 0.8800" in model
 
 
 def test_unregistered_run_gets_registered_once(fresh_registry):

@@ -17,6 +17,7 @@ import torch
 from ichflow.data.splits import subset
 from ichflow.engine.augment import Normalizer
 from ichflow.engine.slices import slice_cache
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.paths import CHECKPOINT, MODEL_CONFIG, runs_dir
 from ichflow.prepare import prepare_data
 from ichflow.tasks.segmentation import REGISTERED_NAME, SegmentationConfig, train_segmentation
@@ -54,9 +55,13 @@ def test_tiny_run_logs_params_metrics_figures_and_inputs(tiny_run):
     assert run.data.tags["ichflow.target"] == "phe"
     # per-epoch curves (step = epoch) and the final metrics of val and test
     for key in ("train_loss", "val_loss", "val_dice", "val_threshold"):
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, mlflow_key(key))]
         assert steps[:2] == [0, 1], key
-    m = run.data.metrics
+    # MLflow groups the results by split; bookkeeping goes under info/, not first in the table
+    stored = set(run.data.metrics)
+    assert {"test/dice", "val/dice", "train/loss", "info/patients_train", "info/best_epoch"} <= stored
+    assert {k for k in stored if "/" not in k} == {"objective"}   # the one name every run and trial compares on
+    m = run_metrics(run)
     for split in ("val", "test"):
         for key in ("dice", "dice_median", "dice_ci_low", "dice_ci_high", "dice_pooled", "iou", "iou_pooled",
                     "sensitivity_pooled", "specificity", "specificity_pooled", "volume_abs_err_ml",
@@ -139,7 +144,7 @@ def test_tuning_trial_does_not_touch_test_or_register():
     assert res["epochs_run"] == 1 and res["stopped_by_time_budget"] == 1.0 and res["best_epoch"] == 0
     assert not any(k.startswith("test_") for k in res) and "model_uri" not in res and "model_version" not in res
     run = mlflow.MlflowClient().get_run(res["run_id"])
-    assert not any(k.startswith("test_") for k in run.data.metrics)
+    assert not any(k.startswith("test_") for k in run_metrics(run))
     after = {v.version for v in mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_NAME}'")}
     assert after == before
 
@@ -152,7 +157,7 @@ def test_fold_ensemble_has_a_run_per_fold_and_serves_the_mean_of_its_members():
     parent = client.get_run(res["run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{res['run_id']}'")
     assert sorted(r.info.run_name for r in children) == ["fold-0", "fold-1"]
-    assert all("val_dice" in r.data.metrics and r.info.status == "FINISHED" for r in children)
+    assert all("val_dice" in run_metrics(r) and r.info.status == "FINISHED" for r in children)
     folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=res["run_id"],
                                                             artifact_path="eval/cv_patient_folds.csv"),
                         dtype={"patient_id": str})
@@ -194,7 +199,7 @@ def test_mlflow_run_cli_segmentation(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert runs[0].data.params["epochs"] in ("1", "1.0") and "test_dice" in runs[0].data.metrics
+    assert runs[0].data.params["epochs"] in ("1", "1.0") and "test_dice" in run_metrics(runs[0])
     assert client.search_registered_models() == []          # register=false: logged, not registered
     assert "[segmentation] best epoch" in proc.stdout and "threshold" in proc.stdout
 

@@ -20,6 +20,7 @@ import mlflow
 import optuna
 import pytest
 
+from ichflow.metric_names import run_metrics
 from ichflow.paths import CHECKPOINT
 from ichflow.tracking import process_tags
 from ichflow.tuning import open_storage
@@ -66,7 +67,7 @@ def _wait_for(find, proc: subprocess.Popen, timeout: float = 240):
 
 def _training_run(env, proc, where: str = "attributes.status = 'RUNNING'"):
     """The first RUNNING run that has logged an epoch."""
-    return _wait_for(lambda: [r for r in _runs(env, where) if "train_loss" in r.data.metrics], proc)[0]
+    return _wait_for(lambda: [r for r in _runs(env, where) if "train_loss" in run_metrics(r)], proc)[0]
 
 
 def _alive(pid: int) -> bool:

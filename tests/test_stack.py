@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ichflow.metric_names import mlflow_key, run_metrics
 from ichflow.paths import CHECKPOINT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,7 +348,7 @@ def _first_epoch_logged(client, experiment):
         if exp is None:
             return None
         runs = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")
-        return next((r for r in runs if "train_loss" in r.data.metrics), None)
+        return next((r for r in runs if "train_loss" in run_metrics(r)), None)
     return check
 
 
@@ -369,8 +370,8 @@ def test_tracking_server_restart_during_training_loses_nothing(stack):
     for key, values in acknowledged.items():
         history = [m.value for m in client.get_metric_history(run.info.run_id, key)]
         assert history[:len(values)] == values, f"{key}: acknowledged values lost"
-    epochs = int(final.data.metrics["epochs_run"])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == list(range(epochs))
+    epochs = int(run_metrics(final)["epochs_run"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, mlflow_key("train_loss"))] == list(range(epochs))
 
 
 def test_s3_down_at_artifact_upload_fails_clearly_and_keeps_the_model(stack):

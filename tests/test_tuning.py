@@ -10,6 +10,7 @@ import mlflow
 import optuna
 import pytest
 
+from ichflow.metric_names import run_metrics
 from ichflow.tasks.spec import TASKS
 from ichflow.tuning import TuneConfig, load_space, open_storage, run_tune, shares
 
@@ -93,16 +94,16 @@ def test_states_mirrored_resume_and_refit(states_space, tmp_path):
     by_trial = {c.data.tags.get("optuna.trial"): c for c in children if "optuna.trial" in c.data.tags}
     assert {k: (c.data.tags["optuna.state"], c.info.status) for k, c in by_trial.items()} == {
         "0": ("COMPLETE", "FINISHED"), "1": ("FAIL", "FAILED"), "2": ("PRUNED", "KILLED")}
-    assert "val_roc_auc" in by_trial["0"].data.metrics and "test_roc_auc" not in by_trial["0"].data.metrics
+    assert "val_roc_auc" in run_metrics(by_trial["0"]) and "test_roc_auc" not in run_metrics(by_trial["0"])
     # the comparison view sorts trials on one metric, `objective` (a pruned trial: Optuna's value, its last report)
     study = optuna.load_study(study_name="states", storage=open_storage(storage))
     for number in ("0", "2"):
-        assert by_trial[number].data.metrics["objective"] == pytest.approx(study.trials[int(number)].value)
+        assert run_metrics(by_trial[number])["objective"] == pytest.approx(study.trials[int(number)].value)
     assert parent.data.params["best_trial"] == str(study.best_trial.number) == "0"
-    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert run_metrics(parent)["best_value"] == pytest.approx(study.best_value)
     refit = mlflow.MlflowClient().get_run(parent.data.tags["ichflow.best_run_id"])
     assert refit.data.tags["mlflow.parentRunId"] == parent.info.run_id
-    assert "test_roc_auc" in refit.data.metrics  # the test split is touched once: by the refit of the best
+    assert "test_roc_auc" in run_metrics(refit)  # the test split is touched once: by the refit of the best
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
     assert {"study/trials.csv", "study/optimization_history.png"} <= artifacts
     # resume: same study name + storage adds trials to the same study
@@ -144,7 +145,7 @@ def test_detection_conf_threshold_is_chosen_on_trial_predictions_without_retrain
     children = _children(parent.info.run_id)
     assert len(children) == 2 + 1                              # two trials + the refit: one training each
     trial_runs = [c for c in children if "optuna.trial" in c.data.tags]
-    assert all(c.data.metrics["epochs_run"] == 1 for c in trial_runs)
+    assert all(run_metrics(c)["epochs_run"] == 1 for c in trial_runs)
     refit = mlflow.MlflowClient().get_run(result["refit"]["run_id"])
     best = study.best_trial.user_attrs["best_conf_threshold"]
     assert float(refit.data.params["conf_threshold"]) == pytest.approx(best)

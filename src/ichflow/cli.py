@@ -290,6 +290,9 @@ def main_guard(fn, config_cls, argv=None, description: str = "", prog: str | Non
         run = load(fn) if isinstance(fn, str) else fn
         # after the imports: what libraries log at INFO while being imported stays quiet
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from ichflow.engine.progress import quiet_library_output
+
+        quiet_library_output()
         return run(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ichflow.data import windows
 
-VERDICTS = {"promoted": "PROMOTED to @champion", "rejected": "not promoted (kept as @challenger)",
+# aliases in backticks: the UI's Markdown would link a bare "@champion" to a GitHub user
+VERDICTS = {"promoted": "PROMOTED to `@champion`", "rejected": "not promoted (kept as `@challenger`)",
             "below_floor": "not promoted: below the quality floor (no alias)",
             "degenerate": "not promoted: degenerate model (no alias)"}
 
@@ -71,11 +72,11 @@ def model_description(spec, champion, headline: dict, rule: dict) -> str:
     """The registered model's page: what it does, its input and output, and the current champion."""
     lines = [spec.summary, "", f"Task `{spec.name}` (target: {spec.target}); promotion rule: {_rule_text(rule)}."]
     if champion is None:
-        lines += ["", "**No @champion yet**: no version has passed the quality gate."]
+        lines += ["", "**No `@champion` yet**: no version has passed the quality gate."]
     else:
         shown = ", ".join(f"{k} {_num(v)} {_ci(headline, k)}".rstrip() for k, v in headline.items()
                           if not k.endswith(("_ci_low", "_ci_high")))
-        lines += ["", f"**@champion: version {champion.version}** — {shown}."]
+        lines += ["", f"**`@champion`: version {champion.version}** — {shown}."]
     return "\n".join(lines)
 
 
@@ -102,6 +103,13 @@ def headline_table(names, metrics: dict) -> list[str]:
     return rows
 
 
+def headline_line(task: str, name: str, metrics: dict) -> str:
+    """The first line of a run page, readable while the UI keeps the rest of the description folded:
+    ``**segmentation** — test dice 0.931 [0.907, 0.955] · val dice 0.952 [0.944, 0.959]``."""
+    shown = [f"{s} {name} {value_text(metrics, f'{s}_{name}')}" for s in ("test", "val") if f"{s}_{name}" in metrics]
+    return f"**{task}** — " + (" · ".join(shown) or f"no {name} logged")
+
+
 def data_line(prep) -> str:
     sizes = prep.split["split"].value_counts()
     patients = " · ".join(f"{k} {int(sizes.get(k, 0))}" for k in ("train", "val", "test"))
@@ -113,7 +121,7 @@ def run_description(spec, metrics: dict, prep, model_version: int | None) -> str
     """A training run's page: what it predicts, its headline numbers on val and test (95 % CI where logged),
     the data it saw and the registered model version."""
     what = spec.summary.split(". ")[0].rstrip(".")
-    lines = [f"**{spec.name}** — target `{spec.target}`: {what}.", ""]
+    lines = [headline_line(spec.name, spec.headline[0], metrics), "", f"Target `{spec.target}`: {what}.", ""]
     lines += headline_table(spec.headline, metrics)
     if spec.cross_validated:
         lines += ["", "Cross-validated: val = mean of the folds' inner validation, test = the held-out folds."]

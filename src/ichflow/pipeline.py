@@ -20,6 +20,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from ichflow.configs import PipelineConfig
 from ichflow.errors import ParameterError, UserError
+from ichflow.metric_names import log_metrics
+from ichflow.metric_names import run_metrics
 from ichflow.model_pages import value_text
 from ichflow.paths import work_dir
 from ichflow.tasks.spec import TASKS
@@ -76,7 +78,7 @@ def _step(entry: str, params: dict, experiment: str, key: str = "") -> str:
         raise UserError(f"pipeline step {key or entry} failed ({_first_line(exc)}); its error is printed "
                         "above, this pipeline run is marked FAILED") from None
     wall, cpu = time.perf_counter() - t0, _children_cpu() - cpu0
-    mlflow.log_metrics({f"step_{key or entry}_seconds": wall, f"step_{key or entry}_cpu_seconds": cpu})
+    log_metrics({f"step_{key or entry}_seconds": wall, f"step_{key or entry}_cpu_seconds": cpu})
     print(f"[pipeline] {key or entry} finished in {wall:.0f} s, {cpu:.0f} CPU-s (run {submitted.run_id})")
     return submitted.run_id
 
@@ -136,7 +138,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
                                                 "input": _first_scan(runs["prepare"]), "output": str(predictions)},
                                     "ichflow-predict")
         mlflow.set_tags({f"ichflow.step.{k}": v for k, v in runs.items()})
-        mlflow.log_metrics({"pipeline_seconds": time.perf_counter() - t0, "pipeline_cpu_seconds": _children_cpu() - cpu0})
+        log_metrics({"pipeline_seconds": time.perf_counter() - t0, "pipeline_cpu_seconds": _children_cpu() - cpu0})
         rows = summary_rows(tasks, runs)
         footer = summary_footer(predictions if "predict" in runs else None, mlflow.get_tracking_uri())
         text = summary_markdown(rows, footer)
@@ -200,7 +202,7 @@ def summary_rows(tasks, runs: dict[str, str]) -> list[tuple[str, ...]]:
     for task in tasks:
         spec, rule = TASKS[task], load_rule(task)
         champ = _champion(spec.registered_name)
-        metrics = client.get_run(champ.run_id).data.metrics if champ else {}
+        metrics = run_metrics(client.get_run(champ.run_id)) if champ else {}
         val, test = (f"{key} {value_text(metrics, key)}" if champ else "—"
                      for key in (rule["primary"], rule["report"][0]))
         rows.append((task, f"{spec.registered_name} v{champ.version}" if champ else f"{spec.registered_name}: none",

@@ -23,6 +23,7 @@ from ichflow.data.synthetic import PhantomSpec, ensure_synthetic
 from ichflow.configs import DataConfig
 from ichflow.engine.files import atomic_dir
 from ichflow.errors import DataError, ParameterError, check_choice, check_range
+from ichflow.metric_names import log_metrics
 from ichflow.paths import default_data_dir, prepared_dir
 from ichflow.tracking import frame_digest, log_dataset_inputs, log_params_once, task_run
 
@@ -137,7 +138,7 @@ def log_prepared(prep: Prepared, target: str = "has_lesion", artifacts: bool = T
                        "split_digest": prep.split_digest})
     mlflow.set_tag("ichflow.split_digest", prep.split_digest)
     sizes = prep.split["split"].value_counts()
-    mlflow.log_metrics({f"patients_{k}": int(sizes.get(k, 0)) for k in ("train", "val", "test")})
+    log_metrics({f"patients_{k}": int(sizes.get(k, 0)) for k in ("train", "val", "test")})
     if artifacts:
         for name in ("manifest.csv", "split.csv", "validation_report.md", "validation_report.json"):
             mlflow.log_artifact(str(prep.out_dir / name), artifact_path="data")
@@ -151,7 +152,7 @@ def run_prepare(cfg: DataConfig) -> Prepared:
         prep = prepare_data(cfg)
         log_params_once({k: v for k, v in dataclasses.asdict(cfg).items() if k != "dataset"})
         log_params_once({"dataset_requested": cfg.dataset})
-        mlflow.log_metrics({k: float(v) for k, v in prep.report.counts.items() if isinstance(v, (int, float))})
+        log_metrics({k: float(v) for k, v in prep.report.counts.items() if isinstance(v, (int, float))})
         log_prepared(prep)
     _print_summary(prep)
     return prep

@@ -38,6 +38,7 @@ from ichflow import model_pages
 from ichflow.configs import HistoryConfig, PromoteConfig
 from ichflow.engine.modelio import register_verified
 from ichflow.errors import ParameterError, UserError
+from ichflow.metric_names import run_metrics
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
 from ichflow.tasks.spec import DEGENERATE_TAG, spec_by_model_name, task_spec
@@ -146,7 +147,7 @@ def _alias(client, name, alias):
 
 
 def _metrics(client, run_id, keys) -> dict:
-    data = client.get_run(run_id).data.metrics
+    data = run_metrics(client.get_run(run_id))
     return {k: data[k] for k in keys if k in data}
 
 

@@ -34,6 +34,7 @@ from ichflow.data.windows import apply_window, from_metadata
 from ichflow.engine.files import staged_output
 from ichflow.engine.progress import progress
 from ichflow.errors import DataError, ParameterError
+from ichflow.metric_names import log_metrics
 from ichflow.tasks.spec import task_spec
 
 
@@ -116,7 +117,7 @@ def run_predict(cfg: PredictConfig) -> pd.DataFrame:
             _write_table(staged / glue.TABLE, pd.DataFrame(extra))
         if volumes:
             _write_table(staged / "volumes.csv", pd.DataFrame(volumes))
-        mlflow.log_metrics({"slices": len(table), "scans": len(scans) or 1})
+        log_metrics({"slices": len(table), "scans": len(scans) or 1})
     print(f"[predict] {task}: {len(table)} slices of {len(scans) or 1} scan(s) -> {out / 'predictions.csv'}")
     for summary in volumes:
         print(f"[predict] {summary['scan']}: {summary['kind']} {summary['slices']} slices, voxel "

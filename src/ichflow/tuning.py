@@ -46,6 +46,7 @@ from optuna.storages._heartbeat import BaseHeartbeat
 from ichflow.cli import die_with_parent, install_signal_handlers, mark_given
 from ichflow.configs import PRUNERS, TuneConfig
 from ichflow.errors import ParameterError, check_choice, check_range
+from ichflow.metric_names import log_metrics
 from ichflow.paths import work_dir
 from ichflow.project_files import load_project_file
 from ichflow.tasks.spec import task_spec
@@ -276,7 +277,7 @@ def _objective_factory(cfg: TuneConfig, study_name: str, parent_run_id: str, exp
         except optuna.TrialPruned:
             state = "PRUNED"
             if reported:  # Optuna's value of a pruned trial: the last one it reported
-                mlflow.log_metrics(reported)
+                log_metrics(reported)
             raise
         except KeyboardInterrupt as exc:  # SIGINT/SIGTERM: Optuna fails the trial; the run says it was killed
             mlflow.set_tags({"optuna.state": state, FAILURE_TAG: f"interrupted ({exc})"})
@@ -452,7 +453,7 @@ def run_tune(cfg: TuneConfig) -> dict:
         wall = time.perf_counter() - t0
         study = optuna.load_study(study_name=study_name, storage=open_storage(url))
         summary = summarise_study(study, before, max_epochs, wall)
-        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         log_study_artifacts(study, target_name=task_spec(cfg.task).objective)
         result = {"study_name": study_name, "storage": mask_uri(url), **summary}
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -460,7 +461,7 @@ def run_tune(cfg: TuneConfig) -> dict:
             best = study.best_trial
             mlflow.log_params({f"best.{k}": v for k, v in best.params.items()})
             mlflow.log_params({"best_trial": best.number})
-            mlflow.log_metric("best_value", best.value)
+            log_metrics({"best_value": best.value})
             mlflow.set_tags({"ichflow.best_trial": str(best.number),
                              "ichflow.best_trial_run_id": best.user_attrs.get("mlflow_run_id", "")})
             result.update(best_value=best.value, best_params=best.params,

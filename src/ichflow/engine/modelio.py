@@ -57,6 +57,26 @@ class ModelFilesError(Exception):
     """The files of a logged model read back from the store are not what was written."""
 
 
+class _DropKnownLogNotes(logging.Filter):
+    """MLflow's notes on every ``log_model``: that a pyfunc is a pickle (we know: it is digest-checked before it
+    is loaded, see the README's Security section) and that it validates the input example (it does, silently)."""
+
+    KNOWN = ("Passing a Python object as `python_model`", "Validating input example against model signature")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.KNOWN)
+
+
+@contextlib.contextmanager
+def _known_log_notes_muted():
+    logger, drop = logging.getLogger("mlflow.pyfunc"), _DropKnownLogNotes()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def log_pyfunc(python_model, artifacts: dict[str, str], signature, input_example, registered_model_name: str | None,
                name: str = "model", metadata: dict | None = None):
     """Log ``python_model`` with the ichflow code bundled (the model loads where ichflow is not installed).
@@ -68,16 +88,17 @@ def log_pyfunc(python_model, artifacts: dict[str, str], signature, input_example
     # every model says which HU window its 8-bit input was made with: ``predict`` windows DICOM/NIfTI scans with it
     metadata = {"window": windows.PRESETS[windows.DEFAULT].as_dict(), **(metadata or {})}
     try:
-        info = mlflow.pyfunc.log_model(
-            name=name,
-            python_model=python_model,
-            artifacts=artifacts,
-            signature=signature,
-            input_example=input_example,
-            code_paths=[str(Path(ichflow.__file__).parent)],
-            pip_requirements=pip_requirements(),
-            metadata=metadata,
-        )
+        with _known_log_notes_muted():
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=python_model,
+                artifacts=artifacts,
+                signature=signature,
+                input_example=input_example,
+                code_paths=[str(Path(ichflow.__file__).parent)],
+                pip_requirements=pip_requirements(),
+                metadata=metadata,
+            )
         with tempfile.TemporaryDirectory(prefix="ichflow-verify-") as tmp:
             local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=tmp)
             check_logged_files(local, artifacts)

@@ -27,6 +27,7 @@ import torch
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.device import autocast
 from ichflow.engine.progress import progress
+from ichflow.metric_names import log_metrics
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Trainer:
                 metrics["lr"] = self.optimizer.param_groups[0]["lr"]
                 history.append(metrics)
                 if self.log_to_mlflow:
-                    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
+                    log_metrics({k: float(v) for k, v in metrics.items() if k != "epoch"}, step=epoch)
                 if monitor not in metrics:
                     raise KeyError(f"evaluate() returned no {monitor!r} to monitor; it returned {sorted(metrics)}")
                 improved = sign * metrics[monitor] > best

@@ -25,6 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from ichflow.engine.device import resolve_device, seed_everything
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
+from ichflow.metric_names import log_metrics
 from ichflow.model_pages import run_description
 from ichflow.prepare import DATASETS, Prepared, log_prepared, prepare_data, validate_data_config
 from ichflow.tasks.common import apply_preset, log_config, log_preset_values, validate_train_config
@@ -131,7 +132,7 @@ class TaskRecipe:
                                        f"{self.spec.registered_name}/{result.model_version}")
             result.wall_seconds = time.perf_counter() - t_wall
             mlflow.set_tag(MLFLOW_RUN_NOTE, run_description(self.spec, metrics, self.prep, result.model_version))
-            mlflow.log_metrics(finite({k: getattr(result, k) for k in ("objective", "best_epoch", "epochs_run",
+            log_metrics(finite({k: getattr(result, k) for k in ("objective", "best_epoch", "epochs_run",
                                                                        "train_seconds", "wall_seconds")}
                                       | {k: metrics[k] for k in ("stopped_early", "stopped_by_time_budget", "degenerate")}))
         print("\n".join(self.summary(cfg, result)))

@@ -532,7 +532,9 @@ def log_slice_model(model: torch.nn.Module, config: dict, folder: Path, example:
     fresh = build_model(config["model"], config["in_channels"], len(config["classes"]))
     fresh.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     # any accepted form of one scan (Tensor('object', (-1,)) passes them all through; as_scan validates)
-    outputs = infer_signature(example, predict_scan(fresh, config, example)).outputs
+    with warnings.catch_warnings():  # the 0/1 label columns are never missing: MLflow's int-column hint is moot
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column", category=UserWarning)
+        outputs = infer_signature(example, predict_scan(fresh, config, example)).outputs
     signature = ModelSignature(inputs=input_schema(), outputs=outputs, params=ParamSchema([intensity_param()]))
     return log_pyfunc(SliceClassifierModel(), artifacts={"weights": str(weights), "config": str(cfg_path)},
                       signature=signature,

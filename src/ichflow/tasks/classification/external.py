@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 
-import mlflow
 import numpy as np
 import pandas as pd
 
 from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
+from ichflow.metric_names import log_metrics
 from ichflow.tasks.classification.config import LABEL
 from ichflow.tasks.classification.report import evaluate_split
 
@@ -62,5 +62,5 @@ def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
                              threshold_goal=_param(params, "threshold_goal", "f1", str))
     extra = {f"{prefix}_threshold": threshold, f"{prefix}_slices": len(frame),
              f"{prefix}_positive_slices": int(np.sum(frame["y"]))}
-    mlflow.log_metrics(extra)
+    log_metrics(extra)
     return {**metrics, **extra}

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ichflow.engine import figures
 from ichflow.engine.stats import finite
+from ichflow.metric_names import log_metrics
 from ichflow.paths import eval_artifact, figure_artifact
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.classification.config import CLASS_NAMES
@@ -39,7 +40,7 @@ def evaluate_split(split: str, frame: pd.DataFrame, threshold: float, n_boot: in
     out.update({f"{split}_patient_{k}": v for k, v in patient_m.items()})
     out[f"{split}_patients"] = len(patients)
     out[f"{split}_positive_patients"] = int(patients["y"].sum())
-    mlflow.log_metrics(finite(out), step=step)
+    log_metrics(finite(out), step=step)
     text = report_text(frame, patients, slice_m, patient_m, threshold, threshold_goal, n_boot)
     mlflow.log_text(text, eval_artifact(split, "classification_report", "txt"))
     mlflow.log_text(frame.drop(columns="row").to_csv(index=False), eval_artifact(split, "predictions"))

@@ -17,6 +17,7 @@ import torch
 from ichflow.data.splits import attach_split
 from ichflow.engine.device import amp_dtype
 from ichflow.errors import DataError, ParameterError, check_choice, check_range
+from ichflow.metric_names import log_metrics
 from ichflow.paths import eval_artifact
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.classification import figures
@@ -54,7 +55,7 @@ class ClassificationRecipe(TaskRecipe):
         self.y = self.manifest[LABEL].to_numpy().astype(np.float32)
         self.rows = {s: np.nonzero((self.manifest["split"] == s).to_numpy())[0] for s in SPLITS}
         check_rows(self.rows, self.y, cfg.evaluate_test)
-        mlflow.log_metrics({f"slices_{s}": len(r) for s, r in self.rows.items()}
+        log_metrics({f"slices_{s}": len(r) for s, r in self.rows.items()}
                            | {f"positive_slices_{s}": int(self.y[r].sum()) for s, r in self.rows.items()})
         self.amp = amp_dtype(self.device, cfg.amp)
         self.norm = self.data.normalizer(self.rows["train"], seed=cfg.seed)
@@ -84,12 +85,12 @@ class ClassificationRecipe(TaskRecipe):
     def select(self, cfg: ClassificationConfig, fit) -> dict:
         raw = self.raw_predictions("val")
         self.scan_context, candidates = sc.choose_scan_context(raw, cfg.scan_context)
-        mlflow.log_metrics({f"val_pr_auc_scan_context_{c}": v for c, v in candidates.items()}, step=fit.epochs_run)
+        log_metrics({f"val_pr_auc_scan_context_{c}": v for c, v in candidates.items()}, step=fit.epochs_run)
         mlflow.log_param("scan_context_used", self.scan_context)
         self.frames = {"val": sc.smooth_frame(raw, self.scan_context)}
         val = self.frames["val"]
         self.threshold, info = sc.select_threshold(val["y"], val["score"], cfg.threshold_goal, cfg.target_recall)
-        mlflow.log_metric("threshold", self.threshold, step=fit.epochs_run)
+        log_metrics({"threshold": self.threshold}, step=fit.epochs_run)
         mlflow.log_dict({"threshold": self.threshold, **info}, eval_artifact("val", "threshold", "json"))
         return {"threshold": self.threshold, "scan_context": self.scan_context}
 

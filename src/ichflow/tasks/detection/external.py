@@ -9,12 +9,12 @@ names under ``prefix`` are the training run's: ``map50``, ``map50_95``, ``precis
 
 from __future__ import annotations
 
-import mlflow
 import numpy as np
 import pandas as pd
 
 from ichflow.data.scans import iter_scans
 from ichflow.errors import DataError
+from ichflow.metric_names import log_metrics
 from ichflow.tasks.detection.base import BOX_CONF
 from ichflow.tasks.detection.dataset import slice_table
 from ichflow.tasks.detection.report import evaluate_split
@@ -72,5 +72,5 @@ def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     index = slice_table(part, split)
     metrics = evaluate_split(index, predict_boxes(model.pyfunc, part), threshold, prefix,
                              seed=_param(params, "seed", 0), overlays=_param(params, "overlays", 8))
-    mlflow.log_metric(f"{prefix}_conf_threshold", threshold)
+    log_metrics({f"{prefix}_conf_threshold": threshold})
     return {**metrics, f"{prefix}_conf_threshold": threshold}

@@ -54,7 +54,7 @@ class DetectionPyfunc(mlflow.pyfunc.PythonModel):
         self.predictor = ENGINES[self.config["engine"]].load_predictor(context.artifacts["weights"], self.config,
                                                                        device)
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
         params = params or {}
         arr = as_scan(model_input, model_window(self.config), params.get("intensity") or "auto")
         conf = float(params.get("conf_threshold", self.config["conf_threshold"]))

@@ -20,6 +20,7 @@ import pandas as pd
 from ichflow.engine.figures import confusion_figure, roc_pr_figure
 from ichflow.engine.figures import log_figure as _log_figure
 from ichflow.engine.stats import finite, patient_bootstrap_ci
+from ichflow.metric_names import log_metrics
 from ichflow.paths import eval_artifact, figure_artifact
 from ichflow.tasks.detection import analysis
 from ichflow.tasks.detection.metrics import (box_metrics, confusion, patient_bootstrap_map, predictions_frame,
@@ -108,7 +109,7 @@ def evaluate_split(part: pd.DataFrame, outputs, threshold: float, split: str, se
     slices = slice_frame(part, preds)
     bm = box_metrics(preds, truths)
     metrics = split_metrics(part, preds, truths, slices, bm, threshold, split, seed)
-    mlflow.log_metrics(finite(metrics), step=step)
+    log_metrics(finite(metrics), step=step)
     log_tables(part, preds, slices, threshold, split)
     log_figures(part, preds, truths, slices, bm, threshold, split, seed, overlays)
     return metrics

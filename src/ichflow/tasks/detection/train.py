@@ -13,6 +13,7 @@ import numpy as np
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.degenerate import box_reasons, score_reasons
 from ichflow.errors import ParameterError, check_choice, check_range
+from ichflow.metric_names import log_metrics
 from ichflow.paths import MODEL_CONFIG
 from ichflow.tasks.common import run_folder
 from ichflow.tasks.detection import report
@@ -92,7 +93,7 @@ class DetectionRecipe(TaskRecipe):
         self.threshold = cfg.conf_threshold if cfg.conf_threshold >= 0 else best_t
         log_params_once({"conf_threshold_used": round(self.threshold, 6)})
         chosen = {"conf_threshold_used": self.threshold, "best_conf_threshold": best_t, "val_best_slice_f1": best_f1}
-        mlflow.log_metrics({k: v for k, v in chosen.items() if np.isfinite(v)})
+        log_metrics({k: v for k, v in chosen.items() if np.isfinite(v)})
         return chosen
 
     def report(self, cfg: DetectionConfig, split: str, step: int) -> dict:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import torch
 from ichflow.engine.budget import TimeBudget
 from ichflow.engine.stats import finite
 from ichflow.errors import DataError
+from ichflow.metric_names import log_metrics
 from ichflow.paths import work_dir
 from ichflow.tasks.detection.dataset import export_yolo
 from ichflow.tasks.detection.base import BOX_CONF, EngineFit
@@ -78,7 +80,28 @@ def setup_ultralytics():
     if any(SETTINGS.get(k) != v for k, v in wanted.items()):
         SETTINGS.update(wanted)
     logging.getLogger("ultralytics").setLevel(logging.WARNING)
+    _quiet_image_caching_bar()
     return ultralytics
+
+
+def _quiet_image_caching_bar() -> None:
+    """Ultralytics draws its "Caching images" bar whatever its verbosity (it passes ``disable`` itself): off a
+    terminal that is ANSI colour codes and frames in the log. Its own progress class, off when its stream (stdout
+    unless given a file) is not a terminal."""
+    import ultralytics.data.base as base
+
+    if getattr(base.TQDM, "ichflow_quiet", False):
+        return
+
+    class TerminalOnlyTQDM(base.TQDM):
+        ichflow_quiet = True
+
+        def __init__(self, *args, **kwargs):
+            if not (kwargs.get("file") or sys.stdout).isatty():
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    base.TQDM = TerminalOnlyTQDM
 
 
 def resolve_model(spec: str) -> str:
@@ -237,7 +260,7 @@ def train_yolo(cfg, data_yaml: Path, project: Path, device: torch.device, budget
         metrics = {"epoch": epoch, **epoch_metrics(trainer)}
         history.append(metrics)
         if log_to_run:
-            mlflow.log_metrics(finite({k: v for k, v in metrics.items() if k != "epoch"}), step=epoch)
+            log_metrics(finite({k: v for k, v in metrics.items() if k != "epoch"}), step=epoch)
         if on_epoch_end is not None:
             on_epoch_end(epoch, metrics)
         if budget.should_stop(epoch):

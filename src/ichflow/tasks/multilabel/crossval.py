@@ -22,6 +22,7 @@ from ichflow.engine.augment import Normalizer
 from ichflow.engine.device import seed_everything
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult
+from ichflow.metric_names import log_metrics
 from ichflow.paths import figure_artifact
 from ichflow.tasks import slice_classifier as sc
 from ichflow.tasks.multilabel import folds as cvf
@@ -118,7 +119,7 @@ def _log_inputs(ctx: CVContext, name: str, k: int, val: int, parts: dict) -> Non
     mlflow.log_params({"fold": k, "inner_val_fold": val,
                        **{f"{p}_patients": m.loc[r, "patient_id"].nunique() for p, r in parts.items()}})
     for part, rows in parts.items():
-        mlflow.log_metrics({f"support_{part}_{kk}": v for kk, v in mm.support(m.loc[rows], ctx.y[rows],
+        log_metrics({f"support_{part}_{kk}": v for kk, v in mm.support(m.loc[rows], ctx.y[rows],
                                                                                ctx.classes).items()})
     present = ctx.y[parts["train"]].any(axis=0)
     if not present.all():
@@ -164,7 +165,7 @@ def _score(ctx: CVContext, name: str, model, fit: FitResult, loaders: dict, part
         y[parts["val"]], sc.smooth_rows(manifest, parts["val"], val_p, c), [0.5] * len(ctx.classes),
         ctx.classes)["macro_auc"])
     mlflow.log_param("scan_context_used", context)
-    mlflow.log_metrics(finite({f"val_macro_auc_scan_context_{c}": v for c, v in candidates.items()}))
+    log_metrics(finite({f"val_macro_auc_scan_context_{c}": v for c, v in candidates.items()}))
     val_p = sc.smooth_rows(manifest, parts["val"], val_p, context)
     thresholds = sc.per_class_thresholds(y[parts["val"]], val_p, cfg.threshold_goal, cfg.target_recall)
     val_m = mm.multilabel_metrics(y[parts["val"]], val_p, thresholds, ctx.classes)
@@ -179,7 +180,7 @@ def _score(ctx: CVContext, name: str, model, fit: FitResult, loaders: dict, part
 def _log_outcome(ctx: CVContext, o: FoldOutcome) -> None:
     logged = {f"val_{k}": v for k, v in o.val.items()} | {f"heldout_{k}": v for k, v in o.heldout.items()}
     logged.update({f"threshold_{c}": t for c, t in zip(ctx.classes, o.thresholds)})
-    mlflow.log_metrics(finite({**logged, "best_epoch": o.fit.best_epoch, "epochs_run": o.fit.epochs_run,
+    log_metrics(finite({**logged, "best_epoch": o.fit.best_epoch, "epochs_run": o.fit.epochs_run,
                                "train_seconds": o.fit.train_seconds}), step=o.fit.epochs_run)
     if len(o.rows):   # the per-epoch curves are MLflow metrics (its charts draw them): no PNG of them
         fig = mm.multilabel_confusion_figure(ctx.y[o.rows], o.probs, o.thresholds, ctx.classes,

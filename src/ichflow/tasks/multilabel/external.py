@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import warnings
 
-import mlflow
 import numpy as np
 import pandas as pd
 
 from ichflow.data.scans import iter_scans
 from ichflow.engine.stats import finite, patient_bootstrap_ci
 from ichflow.errors import DataError
+from ichflow.metric_names import log_metrics
 from ichflow.tasks.multilabel import metrics as mm
 from ichflow.tasks.multilabel.labels import with_derived
 from ichflow.tasks.multilabel.report import log_per_class, log_predictions, log_split_figures
@@ -99,7 +99,7 @@ def evaluate_external(model, part: pd.DataFrame, prefix: str) -> dict:
     seed = int(float(model.train_params.get("seed", 0) or 0))
     metrics.update(patient_cis(y, p, thresholds, classes, pids, metrics, seed))
     out = {f"{prefix}_{k}": v for k, v in metrics.items()}
-    mlflow.log_metrics(finite(out))
+    log_metrics(finite(out))
     log_predictions(prefix, frame, y, p, pred, classes)
     log_per_class(prefix, metrics, thresholds, classes)
     log_split_figures(prefix, y, p, pred, pids, classes, title=prefix)

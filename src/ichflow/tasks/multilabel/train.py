@@ -23,6 +23,7 @@ one (inner validation), at the cost of one more training.
 """
 
 from __future__ import annotations
+from ichflow.metric_names import log_metrics
 
 import dataclasses
 
@@ -99,7 +100,7 @@ class MultilabelRecipe(TaskRecipe):
                         for folds in fold_sets]
         in_cv = fold_of_rows[0] >= 0
         self.support = mm.support(manifest[in_cv], y[in_cv], self.classes)
-        mlflow.log_metrics({f"support_{k}": v for k, v in self.support.items()})
+        log_metrics({f"support_{k}": v for k, v in self.support.items()})
         data = sc.SliceData.load(manifest, cfg.image_size)
         self.ctx = cv.CVContext(cfg, self.classes, self.mult, data, y, self.device,
                                 amp_dtype(self.device, cfg.amp), fold_of_rows[0])
@@ -133,7 +134,7 @@ class MultilabelRecipe(TaskRecipe):
     def report(self, cfg: MultilabelConfig, split: str, step: int) -> dict:
         if split == "val":
             self.val_agg = {f"val_{k}": v for k, v in mm.aggregate([o.val for o in self.outcomes]).items()}
-            mlflow.log_metrics(finite(self.val_agg), step=step)
+            log_metrics(finite(self.val_agg), step=step)
             return {**self.val_agg, "folds": cfg.n_folds, "fold_source": self.fold_source}
         cv_m = {f"cv_{k}": v for k, v in mm.aggregate([o.heldout for o in self.outcomes]).items()}
         rows, p, pred = self.oof = cv.out_of_fold(self.outcomes)
@@ -143,7 +144,7 @@ class MultilabelRecipe(TaskRecipe):
         if cfg.cv_repeats > 1:
             oof.update(self.repeat_spread())
         out = {**cv_m, **{f"test_{k[3:]}": v for k, v in cv_m.items()}, **{f"oof_{k}": v for k, v in oof.items()}}
-        mlflow.log_metrics(finite(out), step=step)
+        log_metrics(finite(out), step=step)
         report.log_cv_tables(cv.fold_rows(self.ctx, self.outcomes), cv.fold_support(self.ctx, self.outcomes),
                              {**self.val_agg, **out}, self.support, self.classes, cfg.n_folds, cfg.cv_repeats)
         report.log_predictions("oof", slices, y, p, pred, self.classes)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from ichflow.engine import figures, overlays
 from ichflow.engine.stats import finite
+from ichflow.metric_names import log_metrics
 from ichflow.paths import eval_artifact, figure_artifact
 from ichflow.tasks.segmentation.metrics import SplitStats, select_threshold, summarise
 
@@ -27,7 +28,7 @@ def log_split(prefix: str, stats: SplitStats, threshold: float, step: int, pixel
     """Summarise ``stats`` at ``threshold``, log the split's metrics, tables and figures; the metrics as
     ``<prefix>_<name>`` (NaN = undefined: returned, not logged to MLflow, null in the JSON)."""
     metrics, table = summarise(stats, threshold, pixel_mm, slice_mm, min_pixels, nsd_tolerance_mm, surface=True)
-    mlflow.log_metrics(finite({f"{prefix}_{k}": v for k, v in metrics.items()}), step=step)
+    log_metrics(finite({f"{prefix}_{k}": v for k, v in metrics.items()}), step=step)
     mlflow.log_text(table.to_csv(index=False), eval_artifact(prefix, "per_patient"))
     mlflow.log_dict({k: (None if isinstance(v, float) and v != v else v) for k, v in metrics.items()},
                     eval_artifact(prefix, "metrics", "json"))

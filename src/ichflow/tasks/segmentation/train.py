@@ -34,6 +34,7 @@ from ichflow.engine.slices import neighbour_indices, slice_cache
 from ichflow.engine.stats import finite
 from ichflow.engine.trainer import FitResult, Trainer, adamw, default_loss
 from ichflow.errors import DataError
+from ichflow.metric_names import log_metrics
 from ichflow.paths import CHECKPOINT, eval_artifact
 from ichflow.prepare import prepare_data
 from ichflow.tasks.common import make_loader, run_folder
@@ -187,7 +188,7 @@ class SegmentationRecipe(TaskRecipe):
         engine = ENGINES[cfg.engine]
         model = engine.build(self.model_spec)
         if cfg.encoder_weights.lower() not in ("", "none"):
-            mlflow.log_metric("encoder_tensors_loaded", engine.load_weights(model, cfg.encoder_weights))
+            log_metrics({"encoder_tensors_loaded": engine.load_weights(model, cfg.encoder_weights)})
         model = model.to(self.device).to(memory_format=torch.channels_last)
         optimizer = adamw(model, cfg.lr, cfg.weight_decay)
         scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs * cfg.steps_per_epoch,
@@ -251,7 +252,7 @@ class SegmentationRecipe(TaskRecipe):
         mlflow.log_text(sweep.to_csv(index=False), eval_artifact("val", "postprocessing_sweep"))
         self.val_stats = collect(_postprocessed(self.val_scans, self.threshold, self.min_voxels), THRESHOLDS)
         chosen = {"min_component_voxels": float(self.min_voxels), "ensemble_members": float(len(self.members))}
-        mlflow.log_metrics(chosen)
+        log_metrics(chosen)
         return {"threshold": self.threshold, **chosen}
 
     def final_predictor(self, cfg: SegmentationConfig, models=None, min_voxels: int | None = None):
@@ -308,7 +309,7 @@ class SegmentationRecipe(TaskRecipe):
             member_dice = [r["test_dice"] for r in rows[3:]]
             out.update({"ablation/test_dice_member_mean": float(np.mean(member_dice)),
                         "ablation/test_dice_member_best": float(np.max(member_dice))})
-        mlflow.log_metrics(finite(out))
+        log_metrics(finite(out))
         return out
 
     def degenerate_reasons(self, cfg: SegmentationConfig) -> list[str]:

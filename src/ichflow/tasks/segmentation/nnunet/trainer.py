@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import mlflow
 import numpy as np
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from ichflow.engine.budget import TimeBudget
+from ichflow.metric_names import log_metrics
 
 
 class StopTraining(Exception):
@@ -49,7 +49,7 @@ class BudgetedTrainer(nnUNetTrainer):
         epoch = self.current_epoch
         super().on_epoch_end()    # saves checkpoint_best on a new best EMA pseudo-Dice, then counts the epoch
         metrics = self.epoch_metrics(epoch)
-        mlflow.log_metrics(metrics, step=epoch)
+        log_metrics(metrics, step=epoch)
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
         if self.budget is not None and self.budget.should_stop(epoch):
