@@ -262,3 +262,20 @@ def test_lr_zero_means_the_engines_learning_rate_and_an_explicit_one_wins():
     frcnn = recipe.resolve(DetectionConfig(engine="fasterrcnn"))
     assert frcnn.lr == 1e-3 and frcnn.model == "mobilenet"                   # from scratch it learns at 1e-3 only
     assert recipe.resolve(DetectionConfig(engine="fasterrcnn", lr=2e-3)).lr == 2e-3
+
+
+def test_ultralytics_does_not_make_the_processes_we_start_single_threaded(tmp_path):
+    """Importing Ultralytics sets OMP_NUM_THREADS=1 in os.environ: a model server or pipeline step started after
+    it would run torch on one core. A fresh interpreter, since this one may have imported Ultralytics already."""
+    code = ("import os, subprocess, sys\n"
+            "from ichflow.tasks.detection.yolo import setup_ultralytics\n"
+            "setup_ultralytics()\n"
+            "import ultralytics.utils.metrics\n"
+            "child = subprocess.run([sys.executable, '-c', 'import os; print(os.environ.get(\"OMP_NUM_THREADS\"))'],\n"
+            "                       capture_output=True, text=True).stdout.strip()\n"
+            "print(child)\n")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["ICHFLOW_WORK_DIR"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "None"

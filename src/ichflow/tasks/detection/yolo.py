@@ -67,8 +67,12 @@ def setup_ultralytics():
             tmp = folder / f".{name}.{os.getpid()}"
             shutil.copyfile(font, tmp)
             os.replace(tmp, folder / name)
+    omp_threads = os.environ.get("OMP_NUM_THREADS")
     import ultralytics
     from ultralytics.utils import SETTINGS, torch_utils
+
+    if omp_threads is None:  # its import sets OMP_NUM_THREADS=1, which every process we start would inherit
+        os.environ.pop("OMP_NUM_THREADS", None)   # (a model server started after it ran on one core)
 
     # its select_device (trainer, final validation, predictor set-up) pins the whole process to cpu_count - 1
     # torch threads on CPU, which slows training and every model loaded beside it: keep the process's own count
