@@ -5,10 +5,11 @@ given with ``--model task=URI`` (e.g. ``models:/ich-segmentation@champion``), or
 here on the synthetic phantom (latency depends on the architecture and input size, not on how long it
 trained). Input: real 512×512 slices of a 32-slice synthetic scan (uint8, the served contract).
 
-In-process: ``mlflow.pyfunc.load_model(uri).predict(array)``. Served: a real ``mlflow models serve``
-process per model (``--env-manager local``, 127.0.0.1, the venv's ``bin`` first on PATH), all started
-together, measured one after the other, with two payloads (docs/serving.md), each serialised once (PNG
-encoding included), the timed part being the HTTP request, the server's work and parsing the JSON answer:
+In-process: ``mlflow.pyfunc.load_model(uri).predict(array, params=...)``, with the compact row's params (the
+same answer). Served: a real ``mlflow models serve`` process per model (``--env-manager local``, 127.0.0.1, the
+venv's ``bin`` first on PATH), all started together, measured one after the other, with two payloads
+(docs/serving.md), each serialised once (PNG encoding included), the timed part being the HTTP request, the
+server's work and parsing the JSON answer:
 
 - ``served_png``: the compact contract, ``{"inputs": ["<base64 PNG>", ...]}`` (one string per slice, the scan
   as its 32 PNGs: the same 8-bit slices the in-process call gets; a base64 NIfTI would carry HU, a different
@@ -171,8 +172,9 @@ def run(quick: bool, models: dict) -> dict:
             t0 = time.perf_counter()
             model = mlflow.pyfunc.load_model(uris[task])
             entry["load_seconds"] = time.perf_counter() - t0
-            lat = _timed(lambda: model.predict(single), n_single)
-            scans = _timed(lambda: model.predict(scan), n_scan, warm=0)  # already warm from the single slices
+            params = COMPACT_PARAMS.get(task)   # the answer the compact served row asks for: like for like
+            lat = _timed(lambda: model.predict(single, params=params), n_single)
+            scans = _timed(lambda: model.predict(scan, params=params), n_scan, warm=0)  # warm from the slices
             entry["in_process"] = {**_summary(lat, scans, len(scan)), "torch_threads": torch.get_num_threads()}
         except Exception as exc:  # noqa: BLE001 - one task failing must not lose the others
             entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
