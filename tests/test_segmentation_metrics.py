@@ -300,9 +300,9 @@ def test_log_split_logs_hd95_and_nsd_like_dice(monkeypatch):
     scans = [("A", np.arange(6), np.zeros(shape, np.uint8), _line(shape, 2, 15),
               (_line(shape, 3, 15) * 0.9).astype(np.float32), None)]
     out = log_split("test", collect(scans, (0.5,)), 0.5, 0, 0.508, 5.0)
-    assert logged["test_hd95_mm"] == pytest.approx(5.0) and logged["test_nsd"] == 0.0
-    assert logged["test_hd95_mm_median"] == pytest.approx(5.0) and logged["test_nsd_pooled"] == 0.0
-    assert logged["test_nsd_tolerance_mm"] == 2.0 and out["test_hd95_mm_pooled"] == pytest.approx(5.0)
+    assert logged["test/hd95_mm"] == pytest.approx(5.0) and logged["test/nsd"] == 0.0
+    assert logged["test/hd95_mm_median"] == pytest.approx(5.0) and logged["test/nsd_pooled"] == 0.0
+    assert logged["test/nsd_tolerance_mm"] == 2.0 and out["test_hd95_mm_pooled"] == pytest.approx(5.0)
     assert "| HD95 (mm) | 5.0 [5.0, 5.0] | 5.0 | 5.0 |" in texts["eval/test_summary.md"]
     assert {"hd95_mm", "nsd"} <= set(texts["eval/test_per_patient.csv"].splitlines()[0].split(","))
 
