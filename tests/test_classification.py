@@ -260,7 +260,8 @@ def test_tiny_run_page_name_description_and_system_metrics(tiny_model, shared_st
     note = run.data.tags["mlflow.note.content"]
     m = run_metrics(run)
     assert f"| f1 | {m['val_f1']:.3f}" in note and f"{m['test_f1']:.3f} [{m['test_f1_ci_low']:.3f}, " in note
-    assert "target `bleed`" in note and "reader `phe` (synthetic)" in note
+    assert note.startswith(f"**classification** — test f1 {m['test_f1']:.3f} [")   # the line shown before "Show more"
+    assert "Target `bleed`" in note and "reader `phe` (synthetic)" in note
     assert f"patients train {m['patients_train']:.0f} · val {m['patients_val']:.0f}" in note
     assert f"`ich-classification` version {result['model_version']}" in note
     assert "system/cpu_utilization_percentage" in m and "system/system_memory_usage_megabytes" in m
