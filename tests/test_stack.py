@@ -232,7 +232,8 @@ def test_two_workers_one_postgres_study_through_the_server(stack, tmp_path):
     finally:
         os.environ.pop("PGPASSWORD", None)
     assert sorted(t.number for t in study.trials) == [0, 1]  # no duplicate, none lost
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials), (
+        [(t.number, t.state.name, t.system_attrs.get("fail_reason")) for t in study.trials], proc.stderr[-3000:])
 
     client = stack.client()
     exps = _experiment_ids(client)
