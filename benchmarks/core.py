@@ -253,31 +253,31 @@ def fmt(value, digits: int = 3) -> str:
     return f"{v:.0f}" if abs(v) >= 10 ** digits else f"{v:.{digits}g}"
 
 
-def pct(value, digits: int = 1) -> str:
+def finite_or_none(value) -> float | None:
+    """``value`` as a finite float, None when it is missing, not a number, NaN or infinite."""
     try:
         v = float(value)
     except (TypeError, ValueError):
-        return "n/a"
-    return f"{100 * v:.{digits}f} %" if math.isfinite(v) else "n/a"
+        return None
+    return v if math.isfinite(v) else None
+
+
+def pct(value, digits: int = 1) -> str:
+    v = finite_or_none(value)
+    return "n/a" if v is None else f"{100 * v:.{digits}f} %"
 
 
 def size(n_bytes) -> str:
     """A byte count as B / kB / MB (3 significant digits); 'n/a' when missing."""
-    try:
-        v = float(n_bytes)
-    except (TypeError, ValueError):
-        return "n/a"
-    if not math.isfinite(v):
+    v = finite_or_none(n_bytes)
+    if v is None:
         return "n/a"
     return f"{fmt(v / 1e6)} MB" if v >= 1e6 else f"{fmt(v / 1e3)} kB" if v >= 1e3 else f"{v:.0f} B"
 
 
 def verdict(value, goal: float, higher_is_better: bool) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return "not measured"
-    if not math.isfinite(v):
+    v = finite_or_none(value)
+    if v is None:
         return "not measured"
     ok = v >= goal if higher_is_better else v <= goal
     return "met" if ok else "NOT met"

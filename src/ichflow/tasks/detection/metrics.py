@@ -15,6 +15,7 @@ It is a pure function of stored predictions, so the threshold can be tuned witho
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -90,9 +91,10 @@ def ap_from_matches(correct: np.ndarray, scores: np.ndarray, n_gt: int) -> dict:
     if len(scores) == 0:
         return {"precision": 0.0, "recall": 0.0, "map50": 0.0, "map50_95": 0.0,
                 "pr_recall": np.linspace(0, 1, 1000), "pr_precision": np.zeros(1000)}
-    from ichflow.tasks.detection.yolo import setup_ultralytics
+    if "ultralytics" not in sys.modules:   # first import: through the set-up that undoes its OMP_NUM_THREADS
+        from ichflow.tasks.detection.yolo import setup_ultralytics
 
-    setup_ultralytics()
+        setup_ultralytics()
     from ultralytics.utils.metrics import ap_per_class
 
     res = ap_per_class(correct, scores, np.zeros(len(scores)), np.zeros(n_gt))
